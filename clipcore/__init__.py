@@ -1,0 +1,1 @@
+"""clipcore: the library behind the DVC stages that fine-tune CLIP for image retrieval."""

@@ -1,0 +1,39 @@
+"""Reading image files: one place that decodes, so that prepare's check and the DataLoaders
+agree on what counts as readable."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class UnreadableImage(Exception):
+    """A file that should be an image but does not decode."""
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image fully (not just its header) and convert to RGB."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(f"{path}: {exc.__class__.__name__}: {exc}") from None
+
+
+class ImageFiles(Dataset):
+    """Images from a list of paths, transformed; items are (tensor, position in the list)."""
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_rgb(self.paths[index])), index

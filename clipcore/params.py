@@ -1,0 +1,190 @@
+"""params.yaml as typed, validated objects.
+
+Every stage calls `load_params()` first, so a typo or an out-of-range value stops the run
+with one line naming the key before any image is read or any model is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from clipcore.errors import ClipcoreError
+
+
+class ParamsError(ClipcoreError):
+    """A params.yaml key is unknown, missing, mistyped or out of range."""
+
+
+def _check(*, ge=None, gt=None, le=None, lt=None, choices=None):
+    """Field metadata: the bounds or choices a value must respect."""
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+
+
+def _field(**check):
+    return field(metadata=_check(**check))
+
+
+@dataclass(frozen=True)
+class DataParams:
+    root: str
+    val_fraction: float = _field(ge=0.0, lt=1.0)
+    val_split: str = _field(choices=("image", "class"))
+    caption_template: str
+    numeric_caption_template: str
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    image_size: int = _field(ge=8, le=1024)
+    test_fraction: float = _field(gt=0.0, lt=1.0)
+    query_fraction: float = _field(gt=0.0, lt=1.0)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str
+    pretrained: str
+    embed_dim: int = _field(ge=1)
+    dropout: float = _field(ge=0.0, lt=1.0)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    freeze_backbone: bool
+    epochs: int = _field(ge=0)
+    batch_size: int = _field(ge=2)
+    lr: float = _field(gt=0.0)
+    backbone_lr_scale: float = _field(ge=0.0)
+    weight_decay: float = _field(ge=0.0)
+    warmup_fraction: float = _field(ge=0.0, le=1.0)
+    grad_clip_norm: float = _field(gt=0.0)
+    augment: bool
+    num_workers: int = _field(ge=0)
+    resume: bool
+    device: str = _field(choices=("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class LossParams:
+    same_class_positives: bool
+    text_targets: str = _field(choices=("frozen", "learnable"))
+
+
+@dataclass(frozen=True)
+class EmbedParams:
+    batch_size: int = _field(ge=1)
+    num_workers: int = _field(ge=0)
+
+
+@dataclass(frozen=True)
+class RetrieveParams:
+    top_k: int = _field(ge=1)
+    metric: str = _field(choices=("cosine", "euclidean"))
+    picture_queries: int = _field(ge=0)
+
+
+@dataclass(frozen=True)
+class SubmitParams:
+    url: str
+    groupname: str
+    timeout: float = _field(gt=0.0)
+    retries: int = _field(ge=0)
+    backoff: float = _field(ge=0.0)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = _field(ge=0)
+    data: DataParams
+    demo: DemoParams
+    model: ModelParams
+    train: TrainParams
+    loss: LossParams
+    embed: EmbedParams
+    retrieve: RetrieveParams
+    submit: SubmitParams
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ParamsError naming the first bad key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: object, source: str = "params") -> Params:
+    return _build(Params, raw, prefix="", source=source)
+
+
+def _build(cls, raw, prefix: str, source: str):
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: {where} must be a mapping of keys, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' (expected one of: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in raw:
+            raise ParamsError(f"{source}: missing key '{key}'")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], prefix=key + ".", source=source)
+        else:
+            values[name] = _convert(raw[name], hint, key, f.metadata, source)
+    return cls(**values)
+
+
+def _convert(value, hint, key: str, check, source: str):
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        # An empty YAML value (`url:`) reads as None; for strings it means "".
+        value = "" if value is None else value
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a new field type needs a branch here
+        raise TypeError(f"no conversion for {hint}")
+    if not ok:
+        raise ParamsError(f"{source}: '{key}' must be {_type_name(hint)}, got {_describe(value)}")
+    _check_range(value, key, check, source)
+    return value
+
+
+def _check_range(value, key: str, check, source: str) -> None:
+    if not check:
+        return
+    if check["choices"] is not None and value not in check["choices"]:
+        raise ParamsError(
+            f"{source}: '{key}' must be one of {', '.join(check['choices'])}, got {value!r}")
+    bounds = [("ge", ">=", lambda a, b: a >= b), ("gt", ">", lambda a, b: a > b),
+              ("le", "<=", lambda a, b: a <= b), ("lt", "<", lambda a, b: a < b)]
+    for name, symbol, holds in bounds:
+        limit = check[name]
+        if limit is not None and not holds(value, limit):
+            raise ParamsError(f"{source}: '{key}' must be {symbol} {limit}, got {value!r}")
+
+
+def _type_name(hint) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def _describe(value) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"

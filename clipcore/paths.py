@@ -1,0 +1,56 @@
+"""Where each stage reads and writes, relative to the project root.
+
+dvc.yaml names the same paths; keep the two in step.
+"""
+from pathlib import Path
+
+DEMO_ROOT = Path("data/demo")
+DEMO_LABELS = "test_labels.csv"          # inside a data root: split,file,label of test images
+PREPARED = Path("data/prepared")         # train.csv, val.csv, query.csv, gallery.csv, skipped.csv
+REPOSITORY = Path("repository")
+METRICS = REPOSITORY / "metrics"
+TRAINING_METRICS_CSV = METRICS / "training_metrics.csv"
+TRAIN_LIVE = METRICS / "train"           # dvclive: metrics.json and plots/metrics/*.tsv
+RETRIEVAL_METRICS = METRICS / "retrieval.json"
+RETRIEVAL_PLOT = METRICS / "retrieval_by_epoch.csv"
+SUBMISSION_METRICS = METRICS / "submission.json"
+CHECKPOINTS = REPOSITORY / "checkpoints"  # weights_epoch_X.pth: enough to resume training
+ALL_WEIGHTS = REPOSITORY / "all_weights"  # model_epoch_X.pt: what inference needs
+EMBEDDINGS = REPOSITORY / "embeddings"    # epoch_X.npz: query, gallery, query_names, gallery_names
+RESULTS = REPOSITORY / "results"          # retrieval_results_epoch_X.json
+PICTURES = RESULTS / "pictures"           # epoch_X.png
+SUBMISSION_CSV = REPOSITORY / "submission_accuracy.csv"
+
+
+def checkpoint_path(epoch: int) -> Path:
+    return CHECKPOINTS / f"weights_epoch_{epoch}.pth"
+
+
+def model_path(epoch: int) -> Path:
+    return ALL_WEIGHTS / f"model_epoch_{epoch}.pt"
+
+
+def embeddings_path(epoch: int) -> Path:
+    return EMBEDDINGS / f"epoch_{epoch}.npz"
+
+
+def results_path(epoch: int) -> Path:
+    return RESULTS / f"retrieval_results_epoch_{epoch}.json"
+
+
+def picture_path(epoch: int) -> Path:
+    return PICTURES / f"epoch_{epoch}.png"
+
+
+def epoch_of(path: Path) -> int:
+    """The X in any of the per-epoch file names above."""
+    stem = Path(path).stem
+    try:
+        return int(stem.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"{path}: no epoch number in the file name") from None
+
+
+def epoch_files(folder: Path, pattern: str) -> list[Path]:
+    """Per-epoch files in a folder, sorted by epoch number (not by name: 10 after 9)."""
+    return sorted(Path(folder).glob(pattern), key=epoch_of)
