@@ -1,0 +1,160 @@
+"""The DVC workflow end to end, with real dvc and git commands in a temporary copy of the repo:
+dvc repro, a no-op second repro, targeted reruns, dvc exp run -S, dvc metrics diff / exp show,
+and versioned data and checkpoints through a local remote (push, pull, checkout).
+
+Uses the tiny model (`model.name=tiny`, `model.pretrained=none`), so it needs no network.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = {"model.name": "tiny", "model.pretrained": "none", "train.epochs": 2,
+         "train.num_workers": 0, "embed.num_workers": 0}
+PIPELINE = ["demo", "prepare", "train", "embed", "retrieve", "submit"]
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def run(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
+    return output
+
+
+def dvc(cwd: Path, *args: str) -> str:
+    return run(cwd, sys.executable, "-m", "dvc", *args)
+
+
+def git(cwd: Path, *args: str) -> str:
+    return run(cwd, "git", *args)
+
+
+def stages_run(output: str) -> list[str]:
+    return [s for s in PIPELINE if f"Running stage '{s}'" in output]
+
+
+def set_params(project: Path, values: dict) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for dotted, value in values.items():
+        section, _, key = dotted.rpartition(".")
+        (params[section] if section else params)[key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def copy_project(dest: Path) -> None:
+    """The files git would carry (tracked or not ignored): code, pipeline and params."""
+    listed = git(REPO, "ls-files", "--cached", "--others", "--exclude-standard").split("\n")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file() and name.split("/")[0] not in {"tests", "bench"}:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    copy_project(root)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.name", "clipcore test")
+    git(root, "config", "user.email", "test@clipcore.invalid")
+    set_params(root, SMOKE)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "baseline params")
+    return root
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dvc-remote")
+
+
+def test_workflow(project: Path, remote: Path, tmp_path: Path):
+    # 1. The whole pipeline, in DAG order.
+    dag = dvc(project, "dag", "--mermaid")
+    for before, after in zip(PIPELINE, PIPELINE[1:]):
+        assert f"{before}" in dag and after in dag
+    first = dvc(project, "repro")
+    assert stages_run(first) == PIPELINE
+    epochs = [0, 1, 2]
+    for e in epochs:
+        assert (project / f"repository/all_weights/model_epoch_{e}.pt").exists()
+        assert (project / f"repository/embeddings/epoch_{e}.npz").exists()
+        results = json.loads((project / f"repository/results/retrieval_results_epoch_{e}.json")
+                             .read_text())
+        assert results and all(len(names) == 10 for names in results.values())
+        assert (project / f"repository/results/pictures/epoch_{e}.png").exists()
+    for e in epochs[1:]:  # training checkpoints exist for trained epochs
+        assert (project / f"repository/checkpoints/weights_epoch_{e}.pth").exists()
+    submissions = (project / "repository/submission_accuracy.csv").read_text().splitlines()
+    assert len(submissions) == 1 + len(epochs)
+    retrieval = json.loads((project / "repository/metrics/retrieval.json").read_text())
+    assert sorted(retrieval["epochs"]) == ["0", "1", "2"]
+
+    # 2. Nothing changed: nothing runs.
+    assert stages_run(dvc(project, "repro")) == []
+    assert "up to date" in dvc(project, "status")
+
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "run: 2 epochs")
+    weights_2 = digest(project / "repository/all_weights/model_epoch_2.pt")
+
+    # 3. A retrieve param reruns retrieve and submit only; a train param reruns train onwards.
+    set_params(project, {"retrieve.top_k": 5})
+    assert stages_run(dvc(project, "repro")) == ["retrieve", "submit"]
+    set_params(project, {"retrieve.top_k": 10, "train.epochs": 3})
+    assert stages_run(dvc(project, "repro")) == ["train", "embed", "retrieve", "submit"]
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "run: 3 epochs")
+
+    # 4. An experiment from the committed baseline, compared with dvc metrics diff / exp show.
+    exp = dvc(project, "exp", "run", "-S", "train.freeze_backbone=false")
+    assert "train" in stages_run(exp)
+    diff = json.loads(dvc(project, "metrics", "diff", "--json"))
+    retrieval_diff = diff["repository/metrics/retrieval.json"]
+    assert "epochs.3.score" in retrieval_diff
+    assert "old" in retrieval_diff["epochs.3.score"] and "new" in retrieval_diff["epochs.3.score"]
+    show = json.loads(dvc(project, "exp", "show", "--json"))
+    experiments = [e for row in show for e in (row.get("experiments") or [])]
+    assert experiments, "dvc exp show lists no experiment"
+    baseline_params = show[0]["data"]["params"]["params.yaml"]["data"]["train"]
+    exp_params = experiments[0]["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]
+    assert baseline_params["freeze_backbone"] is True and exp_params["freeze_backbone"] is False
+    git(project, "checkout", "--", ".")  # back to the committed baseline
+    dvc(project, "checkout", "--force")
+
+    # 5. Versioned data and checkpoints: push, pull in a fresh clone, checkout an older commit.
+    dvc(project, "remote", "add", "-d", "local", str(remote))
+    git(project, "commit", "-qam", "local DVC remote")
+    dvc(project, "push", "--all-commits")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(project), str(clone))
+    dvc(clone, "pull")
+    for name in ["data/demo/test_labels.csv", "data/prepared/train.csv",
+                 "repository/all_weights/model_epoch_3.pt",
+                 "repository/checkpoints/weights_epoch_3.pth",
+                 "repository/results/retrieval_results_epoch_3.json"]:
+        assert (clone / name).exists(), name
+    assert "up to date" in dvc(clone, "status")
+    assert stages_run(dvc(clone, "repro")) == []
+    git(clone, "checkout", "-q", "HEAD~2")  # the 2-epoch run
+    dvc(clone, "checkout", "--force")
+    assert digest(clone / "repository/all_weights/model_epoch_2.pt") == weights_2
+    assert not (clone / "repository/all_weights/model_epoch_3.pt").exists()
