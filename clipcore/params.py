@@ -19,9 +19,9 @@ class ParamsError(ClipcoreError):
     """A params.yaml key is unknown, missing, mistyped or out of range."""
 
 
-def _check(*, ge=None, gt=None, le=None, lt=None, choices=None):
-    """Field metadata: the bounds or choices a value must respect."""
-    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+def _check(*, ge=None, gt=None, le=None, lt=None, choices=None, contains=None):
+    """Field metadata: the bounds, choices or required text a value must respect."""
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "contains": contains}
 
 
 def _field(**check):
@@ -33,8 +33,8 @@ class DataParams:
     root: str
     val_fraction: float = _field(ge=0.0, lt=1.0)
     val_split: str = _field(choices=("image", "class"))
-    caption_template: str
-    numeric_caption_template: str
+    caption_template: str = _field(contains="{name}")
+    numeric_caption_template: str = _field(contains="{name}")
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,8 @@ def _check_range(value, key: str, check, source: str) -> None:
     if check["choices"] is not None and value not in check["choices"]:
         raise ParamsError(
             f"{source}: '{key}' must be one of {', '.join(check['choices'])}, got {value!r}")
+    if check["contains"] is not None and check["contains"] not in value:
+        raise ParamsError(f"{source}: '{key}' must contain {check['contains']}, got {value!r}")
     bounds = [("ge", ">=", lambda a, b: a >= b), ("gt", ">", lambda a, b: a > b),
               ("le", "<=", lambda a, b: a <= b), ("lt", "<", lambda a, b: a < b)]
     for name, symbol, holds in bounds:

@@ -1,6 +1,13 @@
 """Exact top-k search over a gallery with FAISS: cosine (inner product of L2-normalised
-vectors) or Euclidean (L2 distance). Ties are broken by gallery index, so results are
-deterministic."""
+vectors) or Euclidean (L2 distance).
+
+`faiss.knn` runs the same exhaustive search as IndexFlatIP / IndexFlatL2 (blocked BLAS
+products, a heap per query) straight on the gallery array, without copying it into an index.
+
+Results equal a brute-force ranking by (score, gallery index): equal scores are ordered by
+gallery index, including at the cut, where FAISS's heap would otherwise pick among tied
+candidates by the order it met them.
+"""
 from __future__ import annotations
 
 import faiss
@@ -13,43 +20,82 @@ METRICS = ("cosine", "euclidean")
 
 def top_k(query: np.ndarray, gallery: np.ndarray, k: int, metric: str = "cosine",
           exclude_self: bool = False) -> np.ndarray:
-    """Indices (Q, k) of the k nearest gallery rows for each query row, best first.
+    """Indices (Q, k) int64 of the k nearest gallery rows for each query row, best first.
 
-    exclude_self: query and gallery are the same set; a row never retrieves itself.
+    exclude_self: query and gallery are the same set; row i never retrieves gallery row i.
     """
+    query, gallery = _checked(query, "query"), _checked(gallery, "gallery")
     if metric not in METRICS:
         raise ClipcoreError(f"retrieve.metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    available = len(gallery) - (1 if exclude_self else 0)
-    if k > available:
-        raise ClipcoreError(f"retrieve.top_k={k} but the gallery holds only {available} images")
-    query = np.ascontiguousarray(query, dtype=np.float32)
-    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    if query.shape[1] != gallery.shape[1]:
+        raise ClipcoreError(f"query vectors have {query.shape[1]} dimensions but gallery vectors "
+                            f"{gallery.shape[1]}: they must come from the same model")
+    if exclude_self and len(query) != len(gallery):
+        raise ClipcoreError(f"exclude_self needs the query set to be the gallery, got "
+                            f"{len(query)} queries and {len(gallery)} gallery vectors")
+    available = len(gallery) - int(exclude_self)
+    if not 1 <= k <= available:
+        raise ClipcoreError(f"retrieve.top_k={k} must be between 1 and the gallery size "
+                            f"({available} images{' besides the query' if exclude_self else ''})")
     if metric == "cosine":
         query, gallery = _normalised(query), _normalised(gallery)
-        index = faiss.IndexFlatIP(gallery.shape[1])
-    else:
-        index = faiss.IndexFlatL2(gallery.shape[1])
-    index.add(gallery)
-    extra = 1 if exclude_self else 0
-    scores, indices = index.search(query, k + extra)
-    if metric == "euclidean":
-        scores = -scores
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    # Higher is better for both: inner products as they are, squared distances negated.
+    sign = 1.0 if metric == "cosine" else -1.0
+
+    def search(rows: np.ndarray, n: int):
+        scores, indices = faiss.knn(rows, gallery, n, metric=faiss_metric)
+        return scores * sign, indices
+
+    indices = _ranked(search, query, k + int(exclude_self), len(gallery))
     if exclude_self:
         own = indices == np.arange(len(query))[:, None]
-        # Drop each row's own index (or, if it fell outside the list, the last entry).
-        own[~own.any(axis=1), -1] = True
-        keep = ~own
-        indices = indices[keep].reshape(len(query), k)
-        scores = scores[keep].reshape(len(query), k)
-    # Stable order: higher score first, then lower gallery index.
-    order = _tie_order(scores, indices)
-    return np.take_along_axis(indices, order, axis=1)
+        own[~own.any(axis=1), -1] = True  # not in the list: the list is one longer than needed
+        indices = indices[~own].reshape(len(query), k)
+    return indices
 
 
-def _tie_order(scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    return np.array([np.lexsort((i, -s)) for s, i in zip(scores, indices)]).reshape(scores.shape)
+def _ranked(search, query: np.ndarray, width: int, gallery_size: int) -> np.ndarray:
+    """The first `width` gallery indices of each row in (score, index) order.
+
+    One extra candidate shows whether a tie crosses the cut; only those rows are searched
+    again, ever wider, until the tied group ends inside the list (or the list is the gallery).
+    """
+    fetch = min(width + 1, gallery_size)
+    scores, indices = _sorted(*search(query, fetch))
+    open_rows = np.flatnonzero(_tie_at_cut(scores, width))
+    while open_rows.size:
+        fetch = min(2 * fetch, gallery_size)
+        more_scores, more_indices = _sorted(*search(query[open_rows], fetch))
+        done = ~_tie_at_cut(more_scores, width) | (fetch == gallery_size)
+        indices[open_rows[done], :width] = more_indices[done, :width]
+        open_rows = open_rows[~done]
+    return np.ascontiguousarray(indices[:, :width])
+
+
+def _sorted(scores: np.ndarray, indices: np.ndarray):
+    order = np.lexsort((indices, -scores), axis=-1)  # score first, then gallery index
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(indices, order, 1)
+
+
+def _tie_at_cut(scores: np.ndarray, width: int) -> np.ndarray:
+    """Rows whose last kept score equals the last fetched one (the tie may run further)."""
+    if scores.shape[1] <= width:
+        return np.zeros(len(scores), dtype=bool)
+    return scores[:, width - 1] == scores[:, -1]
+
+
+def _checked(vectors: np.ndarray, name: str) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ClipcoreError(f"{name} vectors must be a 2-D array (rows, dimensions), "
+                            f"got shape {vectors.shape}")
+    if not np.isfinite(vectors).all():
+        raise ClipcoreError(f"{name} vectors hold NaN or infinite values (a diverged model?)")
+    return vectors
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    x = x.copy()  # normalize_L2 works in place; the caller's array stays as it was
+    faiss.normalize_L2(x)
+    return x

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = {"model.name": "tiny", "model.pretrained": "none", "train.epochs": 2,
@@ -47,10 +48,7 @@ def stages_run(output: str) -> list[str]:
 
 
 def set_params(project: Path, values: dict) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for dotted, value in values.items():
-        section, _, key = dotted.rpartition(".")
-        (params[section] if section else params)[key] = value
+    params = with_overrides(yaml.safe_load((project / "params.yaml").read_text()), values)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -117,7 +115,7 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
     weights_2 = digest(project / "repository/all_weights/model_epoch_2.pt")
 
     # 3. A retrieve param reruns retrieve and submit only; a train param reruns train onwards.
-    set_params(project, {"retrieve.top_k": 5})
+    set_params(project, {"retrieve.top_k": 20})
     assert stages_run(dvc(project, "repro")) == ["retrieve", "submit"]
     set_params(project, {"retrieve.top_k": 10, "train.epochs": 3})
     assert stages_run(dvc(project, "repro")) == ["train", "embed", "retrieve", "submit"]

@@ -1,0 +1,143 @@
+"""Saving and loading model files and checkpoints: atomic writes, safe reads.
+
+Every read goes through `torch.load(weights_only=True)`, which refuses pickled code. Every write
+goes to a temporary file in the target folder and is renamed over the target only once complete,
+so an interrupted run never leaves a half-written file under a real name.
+
+A model file (`model_epoch_X.pt`) holds what inference needs on top of the base weights: the head,
+and the visual tower only when training changed it. A frozen run's file is about a megabyte.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import uuid
+from pathlib import Path
+
+import torch
+
+from clipcore.errors import ClipcoreError
+from clipcore.model import FineTunedCLIP, build_model
+from clipcore.params import ModelParams
+
+MODEL_FORMAT = "clipcore-model/1"
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    """torch.save `obj` to `path` so that `path` is either the old file or the complete new one."""
+    path = Path(path)
+    # A unique name in the same folder (os.replace is atomic only within one file system);
+    # opened "x" so it gets the usual permissions, unlike tempfile's private 0600 files.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # it may never have been created
+            tmp.unlink()
+        cause = _os_error(exc)
+        if cause is not None:
+            raise ClipcoreError(f"{path}: cannot write ({cause.strerror or cause})") from exc
+        raise
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The OSError behind `exc`: torch's zip writer reports a failed write as a RuntimeError."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A dict saved by save_atomic, read with weights_only=True; ClipcoreError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipcoreError(f"{path}: file not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch reports a cut or foreign file in many ways
+        message = str(exc).strip()
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in message:
+            raise ClipcoreError(
+                f"{path}: not a safe checkpoint (it holds Python objects other than tensors and "
+                f"plain data, numpy values included; refusing to unpickle it)") from exc
+        reason = (message.splitlines() or [type(exc).__name__])[0]
+        raise ClipcoreError(f"{path}: truncated or not a clipcore file ({reason})") from exc
+    if not isinstance(obj, dict):
+        raise ClipcoreError(f"{path}: not a clipcore file (holds a {type(obj).__name__}, not a dict)")
+    return obj
+
+
+def inference_state(model: FineTunedCLIP, backbone_trained: bool) -> dict:
+    """What embedding images needs beyond the base weights (the visual tower only if trained)."""
+    state = model.head_state()
+    if backbone_trained:
+        state.update(model.backbone_state())
+    return {
+        "format": MODEL_FORMAT,
+        "model": {"name": model.base["name"], "pretrained": model.base["pretrained"],
+                  "embed_dim": model.embed_dim, "dropout": model.head[0].p},
+        "base": dict(model.base),
+        "backbone_trained": backbone_trained,
+        "state": {k: v.detach().cpu() for k, v in state.items()},
+    }
+
+
+def save_model(model: FineTunedCLIP, path: str | Path, backbone_trained: bool, epoch: int) -> None:
+    save_atomic({**inference_state(model, backbone_trained), "epoch": epoch}, path)
+
+
+def load_model_params(path: str | Path) -> ModelParams:
+    """The model params a model file was made with, without building the model."""
+    return _read_model_file(path, "cpu")[1]
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> FineTunedCLIP:
+    """Rebuild the base model, check it is the one the file was made on, apply the stored tensors."""
+    data, params = _read_model_file(path, device)
+    try:
+        model = build_model(params, device)
+    except ClipcoreError as exc:
+        raise ClipcoreError(f"{path}: cannot rebuild its base model: {exc}") from exc
+    if model.base != data["base"]:
+        raise ClipcoreError(
+            f"{path}: made on base weights {_describe_base(data['base'])}, but they now read "
+            f"{_describe_base(model.base)}; restore the original weights file or retrain")
+    expected = set(model.head_state()) | (
+        set(model.backbone_state()) if data["backbone_trained"] else set())
+    stored = set(data["state"])
+    if stored != expected:
+        odd = sorted(stored ^ expected)
+        raise ClipcoreError(
+            f"{path}: tensors do not match a {params.name} model ({len(odd)} differ, e.g. {odd[0]})")
+    try:
+        model.load_state_dict(data["state"], strict=False)
+    except RuntimeError as exc:
+        raise ClipcoreError(
+            f"{path}: tensors do not fit a {params.name} model ({str(exc).splitlines()[-1].strip()})"
+        ) from exc
+    return model.eval()
+
+
+def _read_model_file(path: str | Path, device) -> tuple[dict, ModelParams]:
+    data = load_file(path, map_location=device)
+    if data.get("format") != MODEL_FORMAT:
+        raise ClipcoreError(f"{path}: not a clipcore model file (format {data.get('format')!r}, "
+                            f"expected {MODEL_FORMAT!r})")
+    missing = sorted({"model", "base", "backbone_trained", "state"} - set(data))
+    if missing:
+        raise ClipcoreError(f"{path}: damaged clipcore model file (no {missing[0]!r} entry)")
+    try:
+        return data, ModelParams(**data["model"])
+    except TypeError as exc:
+        raise ClipcoreError(f"{path}: damaged clipcore model file (model params: {exc})") from exc
+
+
+def _describe_base(base: dict) -> str:
+    digest = f", sha256 {base['sha256'][:12]}" if base.get("sha256") else ""
+    return f"{base.get('name')} {base.get('pretrained')!r}{digest}"

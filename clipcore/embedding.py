@@ -1,0 +1,79 @@
+"""The embed stage: each model file's embeddings of the query and gallery images.
+
+Model files whose backbone did not train (epoch 0, and every epoch of a frozen run) share one
+base model: its backbone features are computed once per image and each file's head is applied
+to them, so N such epochs cost about one pass through the image tower.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from clipcore import paths
+from clipcore.checkpoint import load_file, load_model
+from clipcore.errors import ClipcoreError
+from clipcore.features import backbone_features, resolve_device
+from clipcore.manifests import read_manifest
+from clipcore.params import Params
+
+SPLITS = ("query", "gallery")
+
+
+@dataclass(frozen=True)
+class EmbedReport:
+    files: list[Path]        # the embeddings files written, by epoch
+    backbone_passes: int     # passes over the query and gallery images through an image tower
+    images: dict[str, int]   # images per split
+
+
+def embed_all(params: Params, data_root: Path, prepared: Path = paths.PREPARED) -> EmbedReport:
+    """Write `embeddings/epoch_X.npz` for every `all_weights/model_epoch_X.pt`."""
+    model_files = paths.epoch_files(paths.ALL_WEIGHTS, "model_epoch_*.pt")
+    if not model_files:
+        raise ClipcoreError(f"{paths.ALL_WEIGHTS}: no model_epoch_*.pt files (run dvc repro train)")
+    device = resolve_device(params.train.device)
+    frames = {split: read_manifest(prepared, split) for split in SPLITS}
+    images = {split: [Path(data_root) / p for p in frame["path"]] for split, frame in frames.items()}
+    names = {split: np.array([PurePosixPath(p).name for p in frame["path"]], dtype=str)
+             for split, frame in frames.items()}
+    for stale in paths.epoch_files(paths.EMBEDDINGS, "epoch_*.npz"):
+        stale.unlink()
+
+    shared: dict[str, dict[str, torch.Tensor]] = {}  # base identity -> split -> features
+    written, passes = [], 0
+    for model_file in model_files:
+        model = load_model(model_file, device)  # checks the file; then read its flag
+        backbone_trained = load_file(model_file)["backbone_trained"]
+        base = json.dumps(model.base, sort_keys=True)
+        if backbone_trained or base not in shared:
+            features = {split: backbone_features(
+                model, images[split], batch_size=params.embed.batch_size,
+                num_workers=params.embed.num_workers, desc=f"{model_file.name} {split}")
+                for split in SPLITS}
+            passes += 1
+            if not backbone_trained:
+                shared[base] = features
+        else:
+            features = shared[base]
+        with torch.inference_mode():
+            embeddings = {split: model.embed_features(features[split]).float().cpu().numpy()
+                          for split in SPLITS}
+        target = paths.embeddings_path(paths.epoch_of(model_file))
+        _save_npz(target, query=embeddings["query"], gallery=embeddings["gallery"],
+                  query_names=names["query"], gallery_names=names["gallery"])
+        written.append(target)
+    return EmbedReport(written, passes, {split: len(images[split]) for split in SPLITS})
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write all of it or nothing under `path` (a temporary file renamed when complete)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)

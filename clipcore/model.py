@@ -1,0 +1,263 @@
+"""The fine-tuned CLIP model: an open_clip backbone and a Dropout+Linear head that starts as the identity.
+
+`build_model(params.model)` resolves `model.pretrained` (an open_clip tag, a local weights file, or
+"none") without ever sitting in the hub client's retry loop: a tag whose weights are in the local
+Hugging Face cache loads from there; otherwise the hub is probed first and, when it cannot be reached,
+a one-line ClipcoreError says what to do.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import os
+import pickle
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import open_clip
+import requests
+import torch
+import torch.nn.functional as F
+from huggingface_hub import try_to_load_from_cache
+from torch import nn
+from torchvision import transforms
+
+from clipcore.errors import ClipcoreError
+from clipcore.params import ModelParams
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(CONFIG_DIR)  # makes `model.name: tiny` a regular open_clip name
+
+NO_WEIGHTS = "none"
+RANDOM_INIT_SEED = 0
+MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learnable temperature at 100
+HUB_PROBE_TIMEOUT_S = 3.0
+DEFAULT_HUB = "https://huggingface.co"
+# What open_clip looks for in a hub repo whose tag names no file (safetensors preferred).
+HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+SUGGESTED_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "tiny")
+TEXT_BATCH = 256  # captions per text-tower pass, bounds memory with thousands of classes
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """How to ask open_clip for the base weights."""
+    source: str | None                 # open_clip's `pretrained=`: a tag, a file, or None (random)
+    quick_gelu: bool = False           # the weights were trained with QuickGELU (OpenAI's)
+    preprocess: dict = field(default_factory=dict)  # the tag's image mean/std/interpolation
+    sha256: str | None = None          # of a local file, so checkpoints can verify their base
+
+
+def build_model(model: ModelParams, device: str | torch.device = "cpu") -> "FineTunedCLIP":
+    """The open_clip backbone named by `model`, with an identity-initialised head on top."""
+    _check_name(model.name)
+    feature_dim = open_clip.get_model_config(model.name)["embed_dim"]
+    _check_embed_dim(model.embed_dim, feature_dim)  # before any download
+    weights = _resolve_weights(model.name, model.pretrained)
+    try:
+        # Seeded in a private RNG state: "none" is then the same random base on every build, so a
+        # model file made on it reloads, and the caller's random stream is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                model.name, pretrained=weights.source, device=device,
+                force_quick_gelu=weights.quick_gelu, pretrained_text=False,
+                image_mean=weights.preprocess.get("mean"), image_std=weights.preprocess.get("std"),
+                image_interpolation=weights.preprocess.get("interpolation"),
+                image_resize_mode=weights.preprocess.get("resize_mode"))
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        raise ClipcoreError(f"model.pretrained: cannot load {model.pretrained!r} into {model.name}: "
+                            f"{_load_failure(exc)}") from exc
+    base = {"name": model.name, "pretrained": model.pretrained, "sha256": weights.sha256}
+    return FineTunedCLIP(
+        clip, open_clip.get_tokenizer(model.name), preprocess_train, preprocess_val,
+        feature_dim=feature_dim, embed_dim=model.embed_dim, dropout=model.dropout, base=base).to(device)
+
+
+class FineTunedCLIP(nn.Module):
+    """CLIP image tower -> Dropout -> Linear -> L2 norm; the text tower only embeds captions.
+
+    The head starts as the identity (zero-padded when embed_dim is larger), so before any training
+    step the embeddings are exactly zero-shot CLIP's and captions land in the same space.
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer, preprocess_train, preprocess_val, *,
+                 feature_dim: int, embed_dim: int, dropout: float, base: dict):
+        super().__init__()
+        _check_embed_dim(embed_dim, feature_dim)
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.embed_dim = embed_dim
+        self.base = base
+        # skip_init: no random init to overwrite, and no draw from the caller's random stream.
+        linear = nn.utils.skip_init(nn.Linear, feature_dim, embed_dim)
+        self.head = nn.Sequential(nn.Dropout(dropout), linear)
+        with torch.no_grad():
+            self.head[1].weight.copy_(torch.eye(embed_dim, feature_dim))
+            self.head[1].bias.zero_()
+        # open_clip's train transform is a random resized crop only; retrieval wants flips too.
+        self.preprocess_train = transforms.Compose(
+            [transforms.RandomHorizontalFlip(), *preprocess_train.transforms])
+        self.preprocess_val = preprocess_val
+        self.set_backbone_trainable(False)
+
+    def train_transform(self, augment: bool):
+        return self.preprocess_train if augment else self.preprocess_val
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """Visual tower on/off; the text tower is always frozen; head and temperature always train."""
+        self.backbone_trainable = trainable
+        self.clip.requires_grad_(False)
+        self.clip.visual.requires_grad_(trainable)
+        self.clip.logit_scale.requires_grad_(True)
+        self.head.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "FineTunedCLIP":
+        # Frozen towers stay in eval mode even while the head trains: dropout (or any other
+        # train-time behaviour) inside a frozen backbone would only add noise to fixed features,
+        # and features computed once and reused must equal those seen in a training step.
+        super().train(mode)
+        self.clip.eval()
+        self.clip.visual.train(mode and self.backbone_trainable)
+        return self
+
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP image features (B, feature_dim), not normalised: what the head takes."""
+        return self.clip.encode_image(images)
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(features), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed_features(self.backbone_features(images))
+
+    @torch.no_grad()
+    def caption_embeddings(self, captions: list[str]) -> torch.Tensor:
+        """Normalised text-tower embeddings (C, embed_dim), zero-padded like the head's init."""
+        device = self.clip.logit_scale.device
+        chunks = [self.clip.encode_text(self.tokenizer(captions[i:i + TEXT_BATCH]).to(device),
+                                        normalize=True).float()
+                  for i in range(0, len(captions), TEXT_BATCH)]
+        if not chunks:
+            return torch.zeros(0, self.embed_dim, device=device)
+        text = torch.cat(chunks)
+        return F.pad(text, (0, self.embed_dim - text.shape[1]))
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep the temperature in [1, 100] (call after each optimizer step, as open_clip does)."""
+        self.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The head's tensors, keyed as in this module's state_dict()."""
+        return {f"head.{k}": v for k, v in self.head.state_dict().items()}
+
+    def backbone_state(self) -> dict[str, torch.Tensor]:
+        """The visual tower's tensors, keyed as in this module's state_dict()."""
+        return {f"clip.visual.{k}": v for k, v in self.clip.visual.state_dict().items()}
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _check_name(name: str) -> None:
+    models = open_clip.list_models()
+    if name not in models:
+        close = difflib.get_close_matches(name, models, n=4) or list(SUGGESTED_MODELS)
+        raise ClipcoreError(
+            f"model.name: unknown open_clip model {name!r} (try {', '.join(close)}; "
+            f"open_clip.list_models() lists all)")
+
+
+def _check_embed_dim(embed_dim: int, feature_dim: int) -> None:
+    if embed_dim < feature_dim:
+        raise ClipcoreError(
+            f"model.embed_dim: {embed_dim} is smaller than the backbone's {feature_dim} "
+            f"features; the head starts as the identity, so use {feature_dim} or more")
+
+
+def _resolve_weights(name: str, pretrained: str) -> _Weights:
+    if pretrained == NO_WEIGHTS:
+        return _Weights(None)
+    tag = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag:
+        preprocess = {k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag}
+        # A cached file is handed to open_clip as a path, so nothing asks the hub for updates.
+        source = _cached_hub_file(tag["hf_hub"])
+        if source is None:
+            _require_hub(name, pretrained)
+            source = pretrained
+        return _Weights(source, tag.get("quick_gelu", False), preprocess)
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return _Weights(str(path), sha256=file_sha256(path))
+    if "/" in pretrained or os.sep in pretrained or path.suffix:
+        raise ClipcoreError(f"model.pretrained: weights file {pretrained} not found")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    known = f"tags for {name}: {', '.join(tags[:6])}" if tags else f"no tags exist for {name}"
+    raise ClipcoreError(
+        f"model.pretrained: {pretrained!r} is neither a weights file nor a known tag "
+        f"({known}; or none for random init)")
+
+
+def _load_failure(exc: Exception) -> str:
+    message = str(exc).strip()
+    if "Weights only load failed" in message:
+        return ("the file holds Python objects besides tensors, which weights_only loading refuses "
+                "(OpenAI's TorchScript .pt files are like that: use the tag or a state dict)")
+    return message.splitlines()[0] if message else type(exc).__name__
+
+
+def _cached_hub_file(hf_hub: str) -> str | None:
+    """The local copy of a tag's hub weights, if a previous run downloaded them."""
+    repo_id, filename = os.path.split(hf_hub)
+    candidates = [filename] if filename else HUB_WEIGHT_FILES
+    for candidate in candidates:
+        cached = try_to_load_from_cache(repo_id, candidate)
+        if isinstance(cached, str):
+            return cached
+    return None
+
+
+def _require_hub(name: str, tag: str) -> None:
+    endpoint = os.environ.get("HF_ENDPOINT") or DEFAULT_HUB
+    reason = _hub_unreachable(endpoint)
+    if reason:
+        raise ClipcoreError(
+            f"model.pretrained: the {tag!r} weights for {name} are not in the local cache and the "
+            f"model hub {endpoint} is unreachable ({reason}); connect once so they get cached, "
+            f"or set model.pretrained to a local weights file, or to none (random init)")
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub cannot be reached, or None when it answers HTTP (any status will do)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        return "HF_HUB_OFFLINE is set"
+    outcome = [f"no answer within {HUB_PROBE_TIMEOUT_S:g} s"]
+
+    def probe():
+        # A real request, not a bare TCP connect: proxies and interceptors that accept any
+        # connection but fail TLS or HTTP would otherwise pass, then stall in the hub's retries.
+        try:
+            requests.head(endpoint, timeout=HUB_PROBE_TIMEOUT_S, allow_redirects=False)
+            outcome[0] = None
+        except requests.RequestException as exc:
+            outcome[0] = _root_cause(exc)
+
+    # In a thread because name resolution ignores request timeouts and can hang far longer.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 0.5)
+    return outcome[0]
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error's message, on one line (requests wraps urllib3 wraps socket errors)."""
+    while exc.__context__ is not None or exc.__cause__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,182 @@
+"""The retrieve stage: rank the gallery for every query with each epoch's embeddings, write
+the rankings in the competition's format and, where the test labels are known, measure them.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from tqdm import tqdm
+
+from clipcore import paths
+from clipcore.errors import ClipcoreError
+from clipcore.manifests import labels_by_name, read_manifest
+from clipcore.measures import metrics_for_indices
+from clipcore.params import RetrieveParams
+from clipcore.pictures import draw_grid, picture_rows
+from clipcore.search import top_k
+
+SPLITS = ("query", "gallery")
+CSV_COLUMNS = ("epoch", "score", "top1", "top5", "top10", "precision_at_k", "map_at_k")
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    query: np.ndarray
+    gallery: np.ndarray
+    query_names: np.ndarray
+    gallery_names: np.ndarray
+
+
+@dataclass(frozen=True)
+class Split:
+    """One manifest as the stage needs it: file paths, base names, labels (None: unknown)."""
+    paths: list[Path]
+    names: list[str]
+    labels: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class RetrieveReport:
+    results: list[Path]          # one results file per epoch, by epoch
+    metrics: dict[int, dict]     # per epoch; empty when the labels are unknown
+    best_epoch: int | None
+
+    def summary(self) -> str:
+        done = f"wrote {len(self.results)} result files to {paths.RESULTS}"
+        if self.best_epoch is None:
+            return f"{done}; test labels unknown, so no retrieval metrics"
+        best = self.metrics[self.best_epoch]
+        return (f"{done}; best epoch {self.best_epoch}: score {best['score']:.1f}/1000, "
+                f"top-1 {best['top1']:.3f}, mAP@{best['k']} {best['map_at_k']:.3f}")
+
+
+def retrieve_all(params: RetrieveParams, data_root: Path,
+                 prepared: Path = paths.PREPARED) -> RetrieveReport:
+    """Results (and metrics, pictures) for every `embeddings/epoch_X.npz`, by epoch.
+
+    Every epoch is searched before any output is written: a bad file stops the run with the
+    previous run's outputs untouched.
+    """
+    files = paths.epoch_files(paths.EMBEDDINGS, "epoch_*.npz")
+    if not files:
+        raise ClipcoreError(f"{paths.EMBEDDINGS}: no epoch_*.npz files (run `dvc repro embed`)")
+    query, gallery = (_split(read_manifest(prepared, split), data_root) for split in SPLITS)
+    rankings = {}
+    with tqdm(files, desc="retrieve", unit="epoch") as bar:  # closed on error too: clean stderr
+        for file in bar:
+            rankings[paths.epoch_of(file)] = _search(file, query, gallery, params, prepared)
+    labelled = query.labels is not None and gallery.labels is not None
+    metrics = {epoch: metrics_for_indices(query.labels, gallery.labels, indices, k=params.top_k)
+               for epoch, indices in rankings.items()} if labelled else {}
+
+    _remove_old_outputs()
+    written = []
+    for epoch, indices in rankings.items():
+        ranking = {q: [gallery.names[i] for i in row] for q, row in zip(query.names, indices)}
+        written.append(_write_json(paths.results_path(epoch), ranking, indent=1))
+        if params.picture_queries:
+            rows = picture_rows(len(indices), params.picture_queries)
+            hits = gallery.labels[indices[rows]] == query.labels[rows, None] if labelled else None
+            draw_grid(paths.picture_path(epoch), _caption(epoch, metrics.get(epoch)),
+                      [query.paths[r] for r in rows],
+                      [[gallery.paths[i] for i in indices[r]] for r in rows], hits)
+    best = max(metrics, key=lambda e: (metrics[e]["score"], -e)) if metrics else None
+    write_metrics(metrics, best)
+    return RetrieveReport(written, metrics, best)
+
+
+def _search(file: Path, query: Split, gallery: Split, params: RetrieveParams,
+            prepared: Path) -> np.ndarray:
+    """One epoch's ranking: (queries, top_k) gallery indices, best first."""
+    embeddings = load_embeddings(file)
+    check_names(embeddings, {"query": query, "gallery": gallery}, file, prepared)
+    try:
+        return top_k(embeddings.query, embeddings.gallery, params.top_k, params.metric)
+    except ClipcoreError as exc:
+        raise ClipcoreError(f"{file}: {exc}") from None
+
+
+def load_embeddings(path: Path) -> Embeddings:
+    """An embeddings file in the embed stage's format, checked for shape and names."""
+    keys = list(Embeddings.__dataclass_fields__)
+    try:
+        data = np.load(path, allow_pickle=False)  # no pickles: names are plain unicode arrays
+    except (OSError, ValueError) as exc:
+        raise ClipcoreError(f"{path}: not a readable embeddings file ({exc})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ClipcoreError(f"{path}: a single array, not an embeddings archive with {keys}")
+    with data:
+        missing = [key for key in keys if key not in data]
+        if missing:
+            raise ClipcoreError(f"{path}: no {', '.join(missing)} array (run `dvc repro embed`)")
+        try:
+            embeddings = Embeddings(**{key: data[key] for key in keys})
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise ClipcoreError(f"{path}: not a readable embeddings file ({exc})") from None
+    for split in SPLITS:
+        vectors, names = getattr(embeddings, split), getattr(embeddings, f"{split}_names")
+        if vectors.ndim != 2 or names.ndim != 1 or len(vectors) != len(names):
+            raise ClipcoreError(f"{path}: {split} holds shape {vectors.shape} for "
+                                f"{names.shape} names; expected one row per name")
+    return embeddings
+
+
+def check_names(embeddings: Embeddings, splits: dict[str, Split], path: Path,
+                prepared: Path) -> None:
+    """The file names in the embeddings must be the manifests' names, in manifest order."""
+    for split in SPLITS:
+        names = [str(n) for n in getattr(embeddings, f"{split}_names")]
+        if names != splits[split].names:
+            raise ClipcoreError(f"{path}: {split} names differ from {Path(prepared) / split}.csv "
+                                f"(stale embeddings: run `dvc repro embed`)")
+
+
+def write_metrics(metrics: dict[int, dict], best: int | None) -> None:
+    """retrieval.json (per epoch and the best by score) and the per-epoch CSV for the plots."""
+    if best is None:
+        summary = {"epochs": {}, "labels": "unknown"}
+    else:
+        summary = {"epochs": {str(e): m for e, m in metrics.items()},
+                   "best": {"epoch": best, **metrics[best]}}
+    _write_json(paths.RETRIEVAL_METRICS, summary, indent=2)
+    with open(paths.RETRIEVAL_PLOT, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for epoch, m in metrics.items():
+            writer.writerow([epoch, *(m[c] for c in CSV_COLUMNS[1:])])
+
+
+def _caption(epoch: int, metrics: dict | None) -> str:
+    if metrics is None:
+        return f"epoch {epoch} (test labels unknown)"
+    return (f"epoch {epoch}: score {metrics['score']:.1f}/1000, top-1 {metrics['top1']:.2f}, "
+            f"top-5 {metrics['top5']:.2f}, top-10 {metrics['top10']:.2f}")
+
+
+def _split(frame, data_root: Path) -> Split:
+    labels = labels_by_name(frame)
+    names = [PurePosixPath(p).name for p in frame["path"]]
+    return Split(paths=[Path(data_root) / p for p in frame["path"]], names=names,
+                 labels=None if labels is None else np.array([labels[n] for n in names]))
+
+
+def _remove_old_outputs() -> None:
+    """A direct run must not leave an earlier run's epochs behind (dvc repro deletes outs)."""
+    for old in [*paths.RESULTS.glob("retrieval_results_epoch_*.json"),
+                *paths.PICTURES.glob("epoch_*.png")]:
+        old.unlink()
+
+
+def _write_json(path: Path, content, indent: int) -> Path:
+    """Write all of it or nothing under `path` (a temporary file renamed when complete)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,341 @@
+"""Fine-tuning: the head (and temperature, and optionally per-class text targets and the visual
+tower) trained with the retrieval CLIP loss, validated by retrieval among the val images.
+
+Writes, per epoch X (epoch 0 = the untouched base model, so the metrics show what fine-tuning
+gained): `all_weights/model_epoch_X.pt` (what inference needs), `checkpoints/weights_epoch_X.pth`
+(what resuming needs), a row of `metrics/training_metrics.csv` and a dvclive step.
+
+With a frozen backbone every image goes through the image tower once; the head then trains on
+the stored features, so epoch 2 onwards costs a small fraction of epoch 1.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from dvclive import Live
+from torch.utils.data import BatchSampler, RandomSampler
+from tqdm import tqdm
+
+from clipcore import paths
+from clipcore.checkpoint import load_file, save_atomic, save_model
+from clipcore.errors import ClipcoreError
+from clipcore.features import autocast, backbone_features, image_loader, resolve_device
+from clipcore.loss import RetrievalClipLoss, TextTargets
+from clipcore.manifests import read_manifest
+from clipcore.measures import retrieval_metrics
+from clipcore.model import build_model
+from clipcore.params import Params, TrainParams
+from clipcore.resume import (TRAIN_FORMAT, check_compatible, newest_checkpoint, restore_rng,
+                             rng_state)
+from clipcore.search import top_k
+
+METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "top1", "top5", "top10", "score",
+                  "precision_at_k", "map_at_k", "lr", "seconds", "images_per_s")
+RETRIEVAL_COLUMNS = ("top1", "top5", "top10", "score", "precision_at_k", "map_at_k")
+ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-6  # CLIP's; the defaults are unstable for it
+
+
+@dataclass(frozen=True)
+class Split:
+    paths: list[Path]
+    labels: torch.Tensor  # class ids, on the training device
+
+
+def train(params: Params, data_root: Path, prepared: Path = paths.PREPARED,
+          on_epoch_end: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Train for params.train.epochs epochs (continuing a checkpoint when train.resume is set);
+    returns one metric row per epoch, epoch 0 included. Outputs go to clipcore.paths."""
+    trainer = Trainer(params, Path(data_root), Path(prepared))
+    history = trainer.resume() if params.train.resume else None
+    if history is None:
+        _remove_epoch_files()
+        history = [trainer.evaluate(epoch=0, started=time.perf_counter())]
+        trainer.save(0, history)
+    with Live(str(paths.TRAIN_LIVE), dvcyaml=False, save_dvc_exp=False) as live:
+        # A fresh Live replays the rows so far: DVC clears this folder before the stage runs.
+        for row in history:
+            _log(live, row)
+        for epoch in range(len(history), params.train.epochs + 1):
+            history.append(trainer.train_epoch(epoch))
+            trainer.save(epoch, history)
+            _log(live, history[-1])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, history[-1])
+    return history
+
+
+class Trainer:
+    def __init__(self, params: Params, data_root: Path, prepared: Path):
+        self.params = params
+        self.device = resolve_device(params.train.device)
+        _seed_everything(params.seed)
+        classes, captions, self.train_split, self.val_split = _load_splits(
+            data_root, prepared, self.device)
+        self.model = build_model(params.model, self.device)
+        self.frozen = params.train.freeze_backbone
+        self.model.set_backbone_trainable(not self.frozen)
+        # Each class's caption through the text tower once per run, not per step.
+        self.targets = TextTargets(self.model.caption_embeddings(captions),
+                                   learnable=params.loss.text_targets == "learnable").to(self.device)
+        self.loss = RetrievalClipLoss(params.loss.same_class_positives)
+        self.signature = {"model.name": params.model.name, "model.pretrained": params.model.pretrained,
+                          "model.embed_dim": params.model.embed_dim,
+                          "train.freeze_backbone": self.frozen,
+                          "loss.text_targets": params.loss.text_targets, "classes": classes}
+        self.generator = torch.Generator().manual_seed(params.seed)
+        n_train, batch_size = len(self.train_split.paths), params.train.batch_size
+        # Drop a short last batch (a contrastive batch of one learns nothing) unless it's the only one.
+        self.batches = BatchSampler(RandomSampler(range(n_train), generator=self.generator),
+                                    batch_size, drop_last=n_train > batch_size)
+        self.optimizer = make_optimizer(self.model, self.targets, params.train)
+        self.scheduler = cosine_with_warmup(
+            self.optimizer, total_steps=len(self.batches) * params.train.epochs,
+            warmup_fraction=params.train.warmup_fraction)
+        # Val batches for val_loss: one fixed shuffle, so batches mix classes as in training.
+        self.val_order = torch.randperm(len(self.val_split.paths),
+                                        generator=torch.Generator().manual_seed(params.seed))
+        self.feature_cache: dict[str, torch.Tensor] = {}
+
+    def train_epoch(self, epoch: int) -> dict:
+        started = time.perf_counter()
+        train = self.params.train
+        self.model.train()
+        if self.frozen:
+            features = self.features("train", self.train_split)
+            batches = ((features[index], index)
+                       for index in map(torch.as_tensor, self.batches))
+        else:
+            batches = image_loader(
+                self.train_split.paths, self.model.train_transform(train.augment),
+                batch_sampler=self.batches, num_workers=train.num_workers, device=self.device,
+                generator=self.generator)
+        trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        total_loss, seen, lr = 0.0, 0, float("nan")
+        with tqdm(total=min(len(self.train_split.paths), len(self.batches) * train.batch_size),
+                  unit="img",
+                  desc=f"epoch {epoch}/{train.epochs}") as bar:
+            for inputs, index in batches:
+                labels = self.train_split.labels[index.to(self.device)]
+                with autocast(self.device):
+                    inputs = inputs.to(self.device, non_blocking=True)
+                    embeddings = (self.model.embed_features(inputs) if self.frozen
+                                  else self.model(inputs))
+                loss = self.loss(embeddings.float(), self.targets(labels), labels,
+                                 self.model.clip.logit_scale)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip_norm)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.model.clamp_logit_scale()
+                total_loss += loss.item() * len(labels)
+                seen += len(labels)
+                bar.update(len(labels))
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        images_per_s = seen / (time.perf_counter() - started)
+        row = self.evaluate(epoch, started)
+        row.update(train_loss=total_loss / seen, lr=lr, images_per_s=images_per_s)
+        return row
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int, started: float) -> dict:
+        """val_loss and retrieval among the val images (each val image a query for the others)."""
+        row = dict.fromkeys(METRIC_COLUMNS, float("nan"))
+        row["epoch"] = epoch
+        if len(self.val_split.paths) >= 2:
+            self.model.eval()
+            features = (self.features("val", self.val_split) if self.frozen
+                        else self._backbone_features(self.val_split, "val features"))
+            embeddings = self.model.embed_features(features).float()
+            labels = self.val_split.labels
+            row["val_loss"] = self._val_loss(embeddings, labels)
+            top_k_param = self.params.retrieve.top_k
+            row.update({key: float(value) for key, value in validation_metrics(
+                embeddings.cpu().numpy(), labels.cpu().numpy(), top_k_param).items()
+                if key in RETRIEVAL_COLUMNS})
+        row["seconds"] = time.perf_counter() - started
+        return row
+
+    def _val_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+        total = 0.0
+        for index in self.val_order.split(self.params.train.batch_size):
+            index = index.to(self.device)
+            total += self.loss(embeddings[index], self.targets(labels[index]), labels[index],
+                               self.model.clip.logit_scale).item() * len(index)
+        return total / len(labels)
+
+    def features(self, name: str, split: Split) -> torch.Tensor:
+        """A split's backbone features, computed on first use and kept (frozen backbone only)."""
+        if name not in self.feature_cache:
+            self.feature_cache[name] = self._backbone_features(split, f"{name} features")
+        return self.feature_cache[name]
+
+    def _backbone_features(self, split: Split, desc: str) -> torch.Tensor:
+        return backbone_features(self.model, split.paths, batch_size=self.params.train.batch_size,
+                                 num_workers=self.params.train.num_workers, desc=desc)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The model tensors training changes (never the frozen base weights)."""
+        state = {**self.model.head_state(), "clip.logit_scale": self.model.clip.logit_scale}
+        if not self.frozen:
+            state.update(self.model.backbone_state())
+        return {name: tensor.detach().cpu() for name, tensor in state.items()}
+
+    def save(self, epoch: int, history: list[dict]) -> None:
+        """model_epoch_X.pt, weights_epoch_X.pth (X >= 1) and the metrics CSV for this epoch."""
+        save_model(self.model, paths.model_path(epoch), backbone_trained=epoch > 0 and not self.frozen,
+                   epoch=epoch)
+        if epoch > 0:
+            save_atomic({
+                "format": TRAIN_FORMAT, "epoch": epoch, "base": dict(self.model.base),
+                "signature": self.signature, "state": self.trained_state(),
+                "text_targets": {k: v.cpu() for k, v in self.targets.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(self.generator), "history": history,
+            }, paths.checkpoint_path(epoch))
+        write_metrics_csv(history, paths.TRAINING_METRICS_CSV)
+
+    def resume(self) -> list[dict] | None:
+        """Load the newest complete checkpoint; returns its metric rows (None: nothing to resume)."""
+        checkpoint = newest_checkpoint()
+        if checkpoint is None:
+            return None
+        check_compatible(checkpoint, dict(self.model.base), self.signature)
+        epoch, path = checkpoint["epoch"], checkpoint["path"]
+        if epoch > self.params.train.epochs:
+            raise ClipcoreError(f"{path}: training reached epoch {epoch} but train.epochs is "
+                                f"{self.params.train.epochs}; raise it or set train.resume false")
+        _remove_epoch_files(after=epoch)
+        self._restore_model_files(epoch)
+        self.model.load_state_dict(checkpoint["state"], strict=False)
+        self.targets.load_state_dict(checkpoint["text_targets"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        restore_rng(checkpoint["rng"], self.generator)
+        print(f"resuming after epoch {epoch} from {path}")
+        history = checkpoint["history"]
+        write_metrics_csv(history, paths.TRAINING_METRICS_CSV)
+        return history
+
+    def _restore_model_files(self, upto: int) -> None:
+        """Rewrite missing model files (DVC deletes them before the stage runs) from the
+        untouched model (epoch 0) and the earlier checkpoints."""
+        for epoch in range(upto + 1):
+            target = paths.model_path(epoch)
+            if target.exists():
+                continue
+            if epoch > 0:
+                try:
+                    state = load_file(paths.checkpoint_path(epoch))["state"]
+                except (ClipcoreError, KeyError) as exc:
+                    print(f"warning: cannot rewrite {target}: {exc}", file=sys.stderr)
+                    continue
+                self.model.load_state_dict(state, strict=False)
+            save_model(self.model, target, backbone_trained=epoch > 0 and not self.frozen,
+                       epoch=epoch)
+
+
+def make_optimizer(model, targets: TextTargets, train: TrainParams) -> torch.optim.AdamW:
+    """AdamW with the head, temperature and text targets at train.lr and, when it trains, the
+    visual tower at train.lr * train.backbone_lr_scale; no weight decay on biases, norms and
+    the temperature (parameters with fewer than 2 dimensions)."""
+    head = [*model.head.parameters(), model.clip.logit_scale, *targets.parameters()]
+    groups = _decay_groups(head, train.lr, train.weight_decay)
+    if model.backbone_trainable:
+        groups += _decay_groups(model.clip.visual.parameters(),
+                                train.lr * train.backbone_lr_scale, train.weight_decay)
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=ADAMW_BETAS, eps=ADAMW_EPS)
+
+
+def _decay_groups(parameters, lr: float, weight_decay: float) -> list[dict]:
+    trainable = [p for p in parameters if p.requires_grad]
+    return [{"params": [p for p in trainable if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "lr": lr, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(optimizer, total_steps: int, warmup_fraction: float):
+    """Linear warmup over warmup_fraction of all steps, then cosine decay towards 0."""
+    warmup = int(warmup_fraction * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def validation_metrics(embeddings: np.ndarray, labels: np.ndarray, k: int) -> dict:
+    """Measures of each val image as a query against the other val images."""
+    ranks = min(max(k, 10), len(labels) - 1)  # top-10 feeds the score even when k is smaller
+    indices = top_k(embeddings, embeddings, ranks, metric="cosine", exclude_self=True)
+    classes, counts = np.unique(labels, return_counts=True)
+    # A query's relevant images are the others of its class: it can't retrieve itself.
+    others = counts[np.searchsorted(classes, labels)] - 1
+    return retrieval_metrics(labels, labels[indices], n_relevant=others, k=k)
+
+
+def write_metrics_csv(history: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(METRIC_COLUMNS)
+        for row in history:
+            writer.writerow(["" if _missing(row[c]) else row[c] for c in METRIC_COLUMNS])
+
+
+def _log(live: Live, row: dict) -> None:
+    for name in METRIC_COLUMNS[1:]:
+        if not _missing(row[name]):  # epoch 0 has no train_loss; no val set, no val metrics
+            live.log_metric(name, float(row[name]))
+    live.next_step()
+
+
+def _missing(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _remove_epoch_files(after: int = -1) -> None:
+    """Model files and checkpoints of epochs > after: stale outputs of an earlier run."""
+    for folder, pattern in ((paths.ALL_WEIGHTS, "model_epoch_*.pt"),
+                            (paths.CHECKPOINTS, "weights_epoch_*.pth")):
+        for path in paths.epoch_files(folder, pattern):
+            if paths.epoch_of(path) > after:
+                path.unlink()
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _load_splits(data_root: Path, prepared: Path, device: torch.device):
+    """Class names, one caption per class, and the train and val splits with class ids."""
+    frames = {split: read_manifest(prepared, split) for split in ("train", "val")}
+    if len(frames["train"]) < 2:
+        raise ClipcoreError(f"{prepared / 'train.csv'}: needs at least 2 training images, "
+                            f"has {len(frames['train'])}")
+    captions_by_class = pd.concat(frames.values()).groupby("label")["caption"].first()
+    classes = [str(name) for name in captions_by_class.index]
+    ids = {name: i for i, name in enumerate(classes)}
+
+    def split(frame) -> Split:
+        return Split([data_root / p for p in frame["path"]],
+                     torch.tensor([ids[label] for label in frame["label"]], dtype=torch.long,
+                                  device=device))
+
+    return classes, list(captions_by_class), split(frames["train"]), split(frames["val"])

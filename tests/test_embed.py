@@ -1,0 +1,122 @@
+"""The embed stage on model files from real tiny training runs: the file contract, epoch 0 is the
+untouched base model, and a frozen run's backbone features are computed once for all epochs."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pytest
+import torch
+
+from clipcore import paths
+from clipcore.checkpoint import load_model
+from clipcore.embedding import embed_all
+from clipcore.images import load_rgb
+from clipcore.manifests import read_manifest
+from clipcore.model import FineTunedCLIP, build_model
+from clipcore.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"model.name": "tiny", "model.pretrained": "none", "train.num_workers": 0,
+        "train.lr": 1e-2, "embed.num_workers": 0}
+
+
+@contextlib.contextmanager
+def counting_backbone_images():
+    """Counts the images that go through FineTunedCLIP.backbone_features (the image tower)."""
+    seen = []
+    original = FineTunedCLIP.backbone_features
+
+    def counted(self, images):
+        seen.append(len(images))
+        return original(self, images)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FineTunedCLIP, "backbone_features", counted)
+        yield seen
+
+
+def train_and_embed(folder: Path, params, prepared_demo):
+    """Train, then embed with the backbone calls counted (those of embedding only)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.chdir(folder):
+        train(params, *prepared_demo)
+        stale = paths.embeddings_path(9)
+        stale.parent.mkdir(parents=True)
+        stale.write_bytes(b"from an older run")
+        with counting_backbone_images() as seen:
+            report = embed_all(params, *prepared_demo)
+    return report, sum(seen)
+
+
+@pytest.fixture(scope="module")
+def frozen_embedded(tmp_path_factory, params_factory, prepared_demo):
+    folder = tmp_path_factory.mktemp("frozen")
+    params = params_factory({**TINY, "train.epochs": 3})
+    return folder, params, *train_and_embed(folder, params, prepared_demo)
+
+
+def test_frozen_epochs_share_one_backbone_pass(frozen_embedded):
+    folder, params, report, images_through_backbone = frozen_embedded
+    assert [paths.epoch_of(f) for f in report.files] == [0, 1, 2, 3]
+    assert report.backbone_passes == 1
+    assert images_through_backbone == report.images["query"] + report.images["gallery"]
+    assert not (folder / paths.embeddings_path(9)).exists()  # stale file of an older run gone
+
+
+def test_embeddings_file_contract(frozen_embedded, prepared_demo):
+    folder, params, report, _ = frozen_embedded
+    _, prepared = prepared_demo
+    names = {split: [PurePosixPath(p).name for p in read_manifest(prepared, split)["path"]]
+             for split in ("query", "gallery")}
+    epochs = [np.load(folder / f) for f in report.files]
+    for data in epochs:
+        for split in ("query", "gallery"):
+            assert data[f"{split}_names"].dtype.kind == "U"
+            assert data[f"{split}_names"].tolist() == names[split]  # manifest order
+            vectors = data[split]
+            assert vectors.dtype == np.float32
+            assert vectors.shape == (len(names[split]), params.model.embed_dim)
+            np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(epochs[0]["query"], epochs[-1]["query"])  # the head did train
+
+
+def test_epoch_0_is_the_untouched_base_model(frozen_embedded, prepared_demo):
+    folder, params, _, _ = frozen_embedded
+    root, prepared = prepared_demo
+    fresh = build_model(params.model).eval()
+    files = [root / p for p in read_manifest(prepared, "query")["path"]]
+    with torch.inference_mode():
+        expected = fresh(torch.stack([fresh.preprocess_val(load_rgb(f)) for f in files]))
+    stored = np.load(folder / paths.embeddings_path(0))["query"]
+    np.testing.assert_allclose(stored, expected.numpy(), atol=1e-5)
+
+
+def test_trained_backbone_epochs_get_a_pass_each(tmp_path, params_factory, prepared_demo):
+    root, prepared = prepared_demo
+    params = params_factory({**TINY, "train.epochs": 1, "train.freeze_backbone": False})
+    report, images_through_backbone = train_and_embed(tmp_path, params, prepared_demo)
+    per_pass = report.images["query"] + report.images["gallery"]
+    assert report.backbone_passes == 2 and images_through_backbone == 2 * per_pass
+    trained = load_model(tmp_path / paths.model_path(1))
+    gallery = read_manifest(prepared, "gallery")["path"][:8]
+    with torch.inference_mode():
+        expected = trained(torch.stack([trained.preprocess_val(load_rgb(root / p)) for p in gallery]))
+    stored = np.load(tmp_path / paths.embeddings_path(1))["gallery"][:8]
+    np.testing.assert_allclose(stored, expected.numpy(), atol=1e-5)
+
+
+def test_stage_without_model_files_fails_in_one_line(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "stages.embed"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: repository/all_weights: no model_epoch_*.pt files (run dvc repro train)"]
+    assert not (tmp_path / paths.EMBEDDINGS).exists()

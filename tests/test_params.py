@@ -1,0 +1,84 @@
+"""params.yaml validation: every failure mode names its dotted key in one line, and a stage
+with a broken params.yaml stops before writing anything."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from clipcore.params import ParamsError, load_params, parse_params
+from conftest import REPO, repo_params_dict, with_overrides
+
+
+def test_repo_params_load():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.val_split in ("image", "class")
+    assert params.retrieve.top_k == repo_params_dict()["retrieve"]["top_k"]
+
+
+def test_overrides_reach_the_typed_params(params_factory):
+    params = params_factory({"train.epochs": 2, "data.val_split": "class", "seed": 7})
+    assert (params.train.epochs, params.data.val_split, params.seed) == (2, "class", 7)
+    assert isinstance(params.data.val_fraction, float)
+
+
+def without(dotted: str) -> dict:
+    raw = repo_params_dict()
+    *sections, key = dotted.split(".")
+    target = raw
+    for section in sections:
+        target = target[section]
+    del target[key]
+    return raw
+
+
+@pytest.mark.parametrize("raw, key", [
+    (with_overrides(repo_params_dict(), {"learning_rate": 0.1}), "'learning_rate'"),
+    (with_overrides(repo_params_dict(), {"train.epoch": 3}), "'train.epoch'"),
+    (without("seed"), "'seed'"),
+    (without("retrieve.top_k"), "'retrieve.top_k'"),
+    (with_overrides(repo_params_dict(), {"train.epochs": "5"}), "'train.epochs'"),
+    (with_overrides(repo_params_dict(), {"train.augment": 1}), "'train.augment'"),
+    (with_overrides(repo_params_dict(), {"retrieve.top_k": True}), "'retrieve.top_k'"),
+    (with_overrides(repo_params_dict(), {"train.epochs": -1}), "'train.epochs'"),
+    (with_overrides(repo_params_dict(), {"data.val_fraction": 1.0}), "'data.val_fraction'"),
+    (with_overrides(repo_params_dict(), {"data.val_split": "folder"}), "'data.val_split'"),
+    (with_overrides(repo_params_dict(), {"retrieve.metric": "dot"}), "'retrieve.metric'"),
+    (with_overrides(repo_params_dict(), {"train": [1, 2]}), "train must be a mapping"),
+    (with_overrides(repo_params_dict(), {"data.caption_template": "a photo"}),
+     "'data.caption_template' must contain {name}"),
+], ids=["unknown-top", "unknown-nested", "missing-top", "missing-nested", "string-for-int",
+        "int-for-bool", "bool-for-int", "negative-epochs", "val-fraction-1", "bad-val-split",
+        "bad-metric", "section-not-mapping", "template-without-name"])
+def test_each_mistake_is_one_line_naming_the_key(raw, key):
+    with pytest.raises(ParamsError) as caught:
+        parse_params(raw)
+    message = str(caught.value)
+    assert key in message and "\n" not in message
+
+
+def test_invalid_yaml_and_missing_file_name_the_file(tmp_path):
+    broken = tmp_path / "params.yaml"
+    broken.write_text("train:\n  epochs: [1,\n")
+    with pytest.raises(ParamsError, match="params.yaml: not valid YAML") as caught:
+        load_params(broken)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ParamsError, match="nothing.yaml: file not found"):
+        load_params(tmp_path / "nothing.yaml")
+
+
+def test_stage_with_bad_params_exits_1_with_one_line_and_writes_nothing(tmp_path):
+    for package in ("clipcore", "stages"):
+        (tmp_path / package).symlink_to(REPO / package)
+    raw = with_overrides(repo_params_dict(), {"data.val_fraction": 1.5})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "error: params.yaml: 'data.val_fraction' must be < 1.0, got 1.5"]
+    assert not (tmp_path / "data").exists()
