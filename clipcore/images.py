@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -25,8 +24,11 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise UnreadableImage(f"{path}: {exc.__class__.__name__}: {exc}") from None
 
 
-class ImageFiles(Dataset):
-    """Images from a list of paths, transformed; items are (tensor, position in the list)."""
+class ImageFiles:
+    """Images from a list of paths, transformed; items are (tensor, position in the list).
+
+    A map-style dataset for torch's DataLoader; it needs no torch import, so stages that only
+    read images (prepare, retrieve's pictures) start without loading torch."""
 
     def __init__(self, paths: Sequence[str | Path], transform: Callable):
         self.paths = list(paths)

@@ -3,12 +3,17 @@ vectors) or Euclidean (L2 distance).
 
 `faiss.knn` runs the same exhaustive search as IndexFlatIP / IndexFlatL2 (blocked BLAS
 products, a heap per query) straight on the gallery array, without copying it into an index.
+Large query sets are split across threads that each run FAISS single-threaded: FAISS's own
+OpenMP threads meet at a barrier after every gallery block, which costs 2x on a busy
+machine (bench/bench_search.py).
 
 Results equal a brute-force ranking by (score, gallery index): equal scores are ordered by
 gallery index, including at the cut, where FAISS's heap would otherwise pick among tied
 candidates by the order it met them.
 """
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -44,7 +49,7 @@ def top_k(query: np.ndarray, gallery: np.ndarray, k: int, metric: str = "cosine"
     sign = 1.0 if metric == "cosine" else -1.0
 
     def search(rows: np.ndarray, n: int):
-        scores, indices = faiss.knn(rows, gallery, n, metric=faiss_metric)
+        scores, indices = _knn(rows, gallery, n, faiss_metric)
         return scores * sign, indices
 
     indices = _ranked(search, query, k + int(exclude_self), len(gallery))
@@ -71,6 +76,23 @@ def _ranked(search, query: np.ndarray, width: int, gallery_size: int) -> np.ndar
         indices[open_rows[done], :width] = more_indices[done, :width]
         open_rows = open_rows[~done]
     return np.ascontiguousarray(indices[:, :width])
+
+
+def _knn(query: np.ndarray, gallery: np.ndarray, n: int, metric: int):
+    """faiss.knn, in query chunks side by side when there are enough queries for each chunk
+    to take FAISS's BLAS path (it needs queries x dimensions >= its BLAS threshold)."""
+    rows_for_blas = -(-faiss.cvar.distance_compute_blas_threshold // query.shape[1])
+    chunks = min(faiss.omp_get_max_threads(), len(query) // max(rows_for_blas, 1))
+    if chunks < 2:
+        return faiss.knn(query, gallery, n, metric=metric)
+
+    def single_threaded(rows: np.ndarray):
+        faiss.omp_set_num_threads(1)  # for this worker thread only
+        return faiss.knn(rows, gallery, n, metric=metric)
+
+    with ThreadPoolExecutor(chunks) as pool:
+        parts = list(pool.map(single_threaded, np.array_split(query, chunks)))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _sorted(scores: np.ndarray, indices: np.ndarray):

@@ -70,7 +70,7 @@ def write_embeddings(epoch: int, query_vectors, query_names=QUERIES) -> None:
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch, params_factory):
+def project(tmp_path, monkeypatch):
     """A project folder (the cwd) with images, manifests and two epochs of embeddings."""
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "data" / "root"
@@ -78,14 +78,16 @@ def project(tmp_path, monkeypatch, params_factory):
         write_image(root / "test" / "query" / name, (0, 0, 200))
     for name, _, _ in GALLERY:
         write_image(root / "test" / "gallery" / name, (200, 200, 0))
-    write_labelled_manifests(labelled=True)
+    write_manifests(labelled=True)
     write_embeddings(0, EPOCH0)
     write_embeddings(1, EPOCH1)
     return root
 
 
-def write_labelled_manifests(labelled: bool) -> None:
-    label = (lambda x: x) if labelled else (lambda x: "")
+def write_manifests(labelled: bool) -> None:
+    """query.csv and gallery.csv as prepare writes them; labels empty when not `labelled`."""
+    def label(name: str) -> str:
+        return name if labelled else ""
     write_manifest(paths.PREPARED / "query.csv",
                    [(f"test/query/{n}", label(c), "") for n, c in zip(QUERIES, QUERY_LABELS)])
     write_manifest(paths.PREPARED / "gallery.csv",
@@ -141,7 +143,7 @@ def test_epochs_sort_by_number_and_euclidean_follows_the_param(project, params_f
 
 
 def test_unknown_labels_give_results_but_no_metrics(project, params_factory):
-    write_labelled_manifests(labelled=False)
+    write_manifests(labelled=False)
     report = run(params_factory, project)
     assert json.loads(paths.results_path(0).read_text()) == RANKINGS[0]
     assert json.loads(paths.RETRIEVAL_METRICS.read_text()) == {"epochs": {}, "labels": "unknown"}
@@ -177,9 +179,10 @@ def test_picture_frames_right_green_and_wrong_red(project, params_factory):
     query_x = pictures.GAP + pictures.THUMB // 2
     assert picture.getpixel((query_x, match_frame(0, 0)[1])) == pictures.QUERY_FRAME
     # q_zz's second match is the unreadable mid.png: grey inside its green frame.
-    centre = (match_frame(0, 1)[0] + pictures.THUMB // 2, match_frame(0, 1)[1] + pictures.THUMB // 2)
-    assert picture.getpixel(centre) == pictures.UNREADABLE
-    assert picture.getpixel((match_frame(0, 0)[0] + pictures.THUMB // 2, centre[1])) == (200, 200, 0)
+    x, y = match_frame(0, 1)
+    half = pictures.THUMB // 2
+    assert picture.getpixel((x + half, y + half)) == pictures.UNREADABLE
+    assert picture.getpixel((match_frame(0, 0)[0] + half, y + half)) == (200, 200, 0)  # zeta
 
 
 def test_picture_queries_are_evenly_spaced_and_zero_means_none(project, params_factory):
