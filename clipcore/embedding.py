@@ -38,36 +38,37 @@ def embed_all(params: Params, data_root: Path, prepared: Path = paths.PREPARED) 
         raise ClipcoreError(f"{paths.ALL_WEIGHTS}: no model_epoch_*.pt files (run dvc repro train)")
     device = resolve_device(params.train.device)
     frames = {split: read_manifest(prepared, split) for split in SPLITS}
-    images = {split: [Path(data_root) / p for p in frame["path"]] for split, frame in frames.items()}
+    images = [Path(data_root) / p for split in SPLITS for p in frames[split]["path"]]
+    sizes = [len(frames[split]) for split in SPLITS]
     names = {split: np.array([PurePosixPath(p).name for p in frame["path"]], dtype=str)
              for split, frame in frames.items()}
     for stale in paths.epoch_files(paths.EMBEDDINGS, "epoch_*.npz"):
         stale.unlink()
 
-    shared: dict[str, dict[str, torch.Tensor]] = {}  # base identity -> split -> features
+    shared: dict[str, torch.Tensor] = {}  # base identity -> features of query + gallery
     written, passes = [], 0
     for model_file in model_files:
         model = load_model(model_file, device)  # checks the file; then read its flag
         backbone_trained = load_file(model_file)["backbone_trained"]
         base = json.dumps(model.base, sort_keys=True)
         if backbone_trained or base not in shared:
-            features = {split: backbone_features(
-                model, images[split], batch_size=params.embed.batch_size,
-                num_workers=params.embed.num_workers, desc=f"{model_file.name} {split}")
-                for split in SPLITS}
+            # Query and gallery in one pass: one loader start, decoding overlaps throughout.
+            features = backbone_features(
+                model, images, batch_size=params.embed.batch_size,
+                num_workers=params.embed.num_workers, desc=f"{model_file.name} query+gallery")
             passes += 1
             if not backbone_trained:
                 shared[base] = features
         else:
             features = shared[base]
         with torch.inference_mode():
-            embeddings = {split: model.embed_features(features[split]).float().cpu().numpy()
-                          for split in SPLITS}
+            embeddings = model.embed_features(features).float().cpu().numpy()
+        query, gallery = np.split(embeddings, [sizes[0]])
         target = paths.embeddings_path(paths.epoch_of(model_file))
-        _save_npz(target, query=embeddings["query"], gallery=embeddings["gallery"],
+        _save_npz(target, query=query, gallery=gallery,
                   query_names=names["query"], gallery_names=names["gallery"])
         written.append(target)
-    return EmbedReport(written, passes, {split: len(images[split]) for split in SPLITS})
+    return EmbedReport(written, passes, dict(zip(SPLITS, sizes)))
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:

@@ -20,12 +20,12 @@ from clipcore.images import ImageFiles, UnreadableImage
 from clipcore.model import FineTunedCLIP
 
 
-def resolve_device(name: str, param: str = "train.device") -> torch.device:
-    """auto | cpu | cuda -> a torch device; asking for CUDA where there is none is an error."""
+def resolve_device(name: str) -> torch.device:
+    """train.device (auto | cpu | cuda) -> a torch device; cuda where there is none: an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ClipcoreError(f"{param} is cuda but torch sees no CUDA device (use auto or cpu)")
+        raise ClipcoreError("train.device is cuda but torch sees no CUDA device (use auto or cpu)")
     return torch.device(name)
 
 
@@ -80,7 +80,7 @@ def backbone_features(model: FineTunedCLIP, paths: Sequence[Path], *, batch_size
     except UnreadableImage as exc:  # prepare checked every file: one changed since
         # From a worker, the message carries the worker's traceback: keep its last line.
         reason = str(exc).strip().splitlines()[-1].split("UnreadableImage: ", 1)[-1]
-        raise ClipcoreError(f"{reason} (changed since prepare ran: run dvc repro prepare)") from None
+        raise ClipcoreError(f"{reason} (changed since prepare: run dvc repro prepare)") from None
     finally:
         model.train(was_training)
     if not chunks:

@@ -66,6 +66,7 @@ class TrainParams:
     num_workers: int = _field(ge=0)
     resume: bool
     device: str = _field(choices=("auto", "cpu", "cuda"))
+    val_top_k: int = _field(ge=1)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,9 @@ def train(params: Params, data_root: Path, prepared: Path = paths.PREPARED,
 
 
 class Trainer:
+    """One training run: the model, text targets, optimizer and schedule, the data, and (with a
+    frozen backbone) the stored backbone features."""
+
     def __init__(self, params: Params, data_root: Path, prepared: Path):
         self.params = params
         self.device = resolve_device(params.train.device)
@@ -86,15 +89,18 @@ class Trainer:
         self.model.set_backbone_trainable(not self.frozen)
         # Each class's caption through the text tower once per run, not per step.
         self.targets = TextTargets(self.model.caption_embeddings(captions),
-                                   learnable=params.loss.text_targets == "learnable").to(self.device)
+                                   learnable=params.loss.text_targets == "learnable")
+        self.targets.to(self.device)
         self.loss = RetrievalClipLoss(params.loss.same_class_positives)
-        self.signature = {"model.name": params.model.name, "model.pretrained": params.model.pretrained,
+        # What a checkpoint must share with this run to continue it (shapes and meaning).
+        self.signature = {"model.name": params.model.name,
+                          "model.pretrained": params.model.pretrained,
                           "model.embed_dim": params.model.embed_dim,
                           "train.freeze_backbone": self.frozen,
                           "loss.text_targets": params.loss.text_targets, "classes": classes}
         self.generator = torch.Generator().manual_seed(params.seed)
         n_train, batch_size = len(self.train_split.paths), params.train.batch_size
-        # Drop a short last batch (a contrastive batch of one learns nothing) unless it's the only one.
+        # Drop a short last batch (a contrastive batch of one learns nothing), unless it's all.
         self.batches = BatchSampler(RandomSampler(range(n_train), generator=self.generator),
                                     batch_size, drop_last=n_train > batch_size)
         self.optimizer = make_optimizer(self.model, self.targets, params.train)
@@ -121,9 +127,8 @@ class Trainer:
                 generator=self.generator)
         trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         total_loss, seen, lr = 0.0, 0, float("nan")
-        with tqdm(total=min(len(self.train_split.paths), len(self.batches) * train.batch_size),
-                  unit="img",
-                  desc=f"epoch {epoch}/{train.epochs}") as bar:
+        images = min(len(self.train_split.paths), len(self.batches) * train.batch_size)
+        with tqdm(total=images, unit="img", desc=f"epoch {epoch}/{train.epochs}") as bar:
             for inputs, index in batches:
                 labels = self.train_split.labels[index.to(self.device)]
                 with autocast(self.device):
@@ -160,10 +165,9 @@ class Trainer:
             embeddings = self.model.embed_features(features).float()
             labels = self.val_split.labels
             row["val_loss"] = self._val_loss(embeddings, labels)
-            top_k_param = self.params.retrieve.top_k
-            row.update({key: float(value) for key, value in validation_metrics(
-                embeddings.cpu().numpy(), labels.cpu().numpy(), top_k_param).items()
-                if key in RETRIEVAL_COLUMNS})
+            measures = validation_metrics(embeddings.cpu().numpy(), labels.cpu().numpy(),
+                                          self.params.train.val_top_k)
+            row.update({key: float(measures[key]) for key in RETRIEVAL_COLUMNS})
         row["seconds"] = time.perf_counter() - started
         return row
 
@@ -194,8 +198,8 @@ class Trainer:
 
     def save(self, epoch: int, history: list[dict]) -> None:
         """model_epoch_X.pt, weights_epoch_X.pth (X >= 1) and the metrics CSV for this epoch."""
-        save_model(self.model, paths.model_path(epoch), backbone_trained=epoch > 0 and not self.frozen,
-                   epoch=epoch)
+        save_model(self.model, paths.model_path(epoch),
+                   backbone_trained=epoch > 0 and not self.frozen, epoch=epoch)
         if epoch > 0:
             save_atomic({
                 "format": TRAIN_FORMAT, "epoch": epoch, "base": dict(self.model.base),
@@ -208,9 +212,10 @@ class Trainer:
         write_metrics_csv(history, paths.TRAINING_METRICS_CSV)
 
     def resume(self) -> list[dict] | None:
-        """Load the newest complete checkpoint; returns its metric rows (None: nothing to resume)."""
+        """Load the newest complete checkpoint; its metric rows, or None: nothing to resume."""
         checkpoint = newest_checkpoint()
         if checkpoint is None:
+            print(f"train.resume: no checkpoint in {paths.CHECKPOINTS}, starting from epoch 0")
             return None
         check_compatible(checkpoint, dict(self.model.base), self.signature)
         epoch, path = checkpoint["epoch"], checkpoint["path"]
@@ -261,8 +266,10 @@ def make_optimizer(model, targets: TextTargets, train: TrainParams) -> torch.opt
 
 def _decay_groups(parameters, lr: float, weight_decay: float) -> list[dict]:
     trainable = [p for p in parameters if p.requires_grad]
-    return [{"params": [p for p in trainable if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay},
-            {"params": [p for p in trainable if p.ndim < 2], "lr": lr, "weight_decay": 0.0}]
+    matrices = [p for p in trainable if p.ndim >= 2]
+    others = [p for p in trainable if p.ndim < 2]
+    return [{"params": matrices, "lr": lr, "weight_decay": weight_decay},
+            {"params": others, "lr": lr, "weight_decay": 0.0}]
 
 
 def cosine_with_warmup(optimizer, total_steps: int, warmup_fraction: float):

@@ -1,4 +1,5 @@
 """Fine-tune the model on the prepared manifests: model files, checkpoints and metrics per epoch."""
+import math
 from pathlib import Path
 
 from clipcore import paths
@@ -12,9 +13,14 @@ def main() -> None:
     history = train(params, Path(params.data.root), paths.PREPARED)
     first, last = history[0], history[-1]
     mode = "frozen backbone" if params.train.freeze_backbone else "backbone trained"
-    print(f"trained {last['epoch']} epochs ({mode}): val precision@{params.retrieve.top_k} "
-          f"{first['precision_at_k']:.3f} -> {last['precision_at_k']:.3f}, val score "
-          f"{first['score']:.1f} -> {last['score']:.1f}; model files in {paths.ALL_WEIGHTS}")
+    if math.isnan(last["precision_at_k"]):
+        measured = "no val images, so no val metrics"
+    else:
+        measured = (f"val precision@{params.train.val_top_k} {first['precision_at_k']:.3f} -> "
+                    f"{last['precision_at_k']:.3f}, val score {first['score']:.1f} -> "
+                    f"{last['score']:.1f}")
+    print(f"trained {last['epoch']} epochs ({mode}): {measured}; "
+          f"model files in {paths.ALL_WEIGHTS}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from clipcore import paths
-from clipcore.checkpoint import load_model
+from clipcore.checkpoint import load_model, save_model
 from clipcore.embedding import embed_all
+from clipcore.errors import ClipcoreError
 from clipcore.images import load_rgb
 from clipcore.manifests import read_manifest
 from clipcore.model import FineTunedCLIP, build_model
@@ -106,9 +107,34 @@ def test_trained_backbone_epochs_get_a_pass_each(tmp_path, params_factory, prepa
     trained = load_model(tmp_path / paths.model_path(1))
     gallery = read_manifest(prepared, "gallery")["path"][:8]
     with torch.inference_mode():
-        expected = trained(torch.stack([trained.preprocess_val(load_rgb(root / p)) for p in gallery]))
+        images = [trained.preprocess_val(load_rgb(root / p)) for p in gallery]
+        expected = trained(torch.stack(images))
     stored = np.load(tmp_path / paths.embeddings_path(1))["gallery"][:8]
     np.testing.assert_allclose(stored, expected.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_changed_since_prepare_is_one_line_error(tmp_path, params_factory, prepared_demo,
+                                                       workers):
+    root, prepared = prepared_demo
+    copy = tmp_path / "data"
+    shutil.copytree(root / "test", copy / "test")
+    broken = copy / read_manifest(prepared, "gallery")["path"][3]
+    broken.write_bytes(b"not a png any more")
+    params = params_factory({**TINY, "embed.num_workers": workers})
+    with contextlib.chdir(tmp_path):
+        save_model(build_model(params.model), paths.model_path(0), backbone_trained=False, epoch=0)
+        with pytest.raises(ClipcoreError) as error:
+            embed_all(params, copy, prepared)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(str(broken))
+    assert message.endswith("(changed since prepare: run dvc repro prepare)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_names_the_param(tmp_path, params_factory, prepared_demo):
+    with contextlib.chdir(tmp_path), pytest.raises(ClipcoreError, match="^train.device is cuda"):
+        train(params_factory({**TINY, "train.device": "cuda"}), *prepared_demo)
 
 
 def test_stage_without_model_files_fails_in_one_line(tmp_path):

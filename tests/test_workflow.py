@@ -130,11 +130,14 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
     assert "epochs.3.score" in retrieval_diff
     assert "old" in retrieval_diff["epochs.3.score"] and "new" in retrieval_diff["epochs.3.score"]
     show = json.loads(dvc(project, "exp", "show", "--json"))
-    experiments = [e for row in show for e in (row.get("experiments") or [])]
-    assert experiments, "dvc exp show lists no experiment"
-    baseline_params = show[0]["data"]["params"]["params.yaml"]["data"]["train"]
-    exp_params = experiments[0]["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]
-    assert baseline_params["freeze_backbone"] is True and exp_params["freeze_backbone"] is False
+    baseline = next((row for row in show if row.get("experiments")), None)
+    assert baseline, "dvc exp show lists no experiment"
+    experiment = baseline["experiments"][0]["revs"][0]
+    for row, frozen in [(baseline, True), (experiment, False)]:
+        data = row["data"]
+        assert data["params"]["params.yaml"]["data"]["train"]["freeze_backbone"] is frozen
+        scores = data["metrics"]["repository/metrics/retrieval.json"]["data"]["epochs"]
+        assert sorted(scores) == ["0", "1", "2", "3"]  # accuracy by epoch for both runs
     git(project, "checkout", "--", ".")  # back to the committed baseline
     dvc(project, "checkout", "--force")
 
@@ -152,7 +155,8 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
         assert (clone / name).exists(), name
     assert "up to date" in dvc(clone, "status")
     assert stages_run(dvc(clone, "repro")) == []
-    git(clone, "checkout", "-q", "HEAD~2")  # the 2-epoch run
-    dvc(clone, "checkout", "--force")
-    assert digest(clone / "repository/all_weights/model_epoch_2.pt") == weights_2
-    assert not (clone / "repository/all_weights/model_epoch_3.pt").exists()
+    git(project, "checkout", "-q", "HEAD~2")  # the 2-epoch run, from the project's DVC cache
+    dvc(project, "checkout", "--force")
+    assert digest(project / "repository/all_weights/model_epoch_2.pt") == weights_2
+    assert not (project / "repository/all_weights/model_epoch_3.pt").exists()
+    assert not (project / "repository/checkpoints/weights_epoch_3.pth").exists()
