@@ -7,8 +7,10 @@ a one-line ClipcoreError says what to do.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
+import logging
 import math
 import os
 import pickle
@@ -59,7 +61,7 @@ def build_model(model: ModelParams, device: str | torch.device = "cpu") -> "Fine
     try:
         # Seeded in a private RNG state: "none" is then the same random base on every build, so a
         # model file made on it reloads, and the caller's random stream is left untouched.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_random_init(weights.source is None):
             torch.manual_seed(RANDOM_INIT_SEED)
             clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 model.name, pretrained=weights.source, device=device,
@@ -74,6 +76,24 @@ def build_model(model: ModelParams, device: str | torch.device = "cpu") -> "Fine
     return FineTunedCLIP(
         clip, open_clip.get_tokenizer(model.name), preprocess_train, preprocess_val,
         feature_dim=feature_dim, embed_dim=model.embed_dim, dropout=model.dropout, base=base).to(device)
+
+
+class _RandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init(asked: bool):
+    """open_clip warns on every random-init build; with model.pretrained: none it was asked for,
+    and the embed stage builds once per model file."""
+    quiet = _RandomInitWarning()
+    if asked:
+        logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 class FineTunedCLIP(nn.Module):
