@@ -22,7 +22,8 @@ SMOKE = {"model": {"name": "tiny", "pretrained": "none"}}
 def timed(cwd: Path, *args: str) -> float:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     start = time.perf_counter()
-    subprocess.run(args, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(args, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
