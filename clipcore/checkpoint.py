@@ -9,15 +9,13 @@ and the visual tower only when training changed it. A frozen run's file is about
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
-import uuid
 from pathlib import Path
 
 import torch
 
 from clipcore.errors import ClipcoreError
+from clipcore.files import write_atomic
 from clipcore.model import FineTunedCLIP, build_model
 from clipcore.params import ModelParams
 
@@ -26,31 +24,7 @@ MODEL_FORMAT = "clipcore-model/1"
 
 def save_atomic(obj: dict, path: str | Path) -> None:
     """torch.save `obj` to `path` so that `path` is either the old file or the complete new one."""
-    path = Path(path)
-    # A unique name in the same folder (os.replace is atomic only within one file system);
-    # opened "x" so it gets the usual permissions, unlike tempfile's private 0600 files.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):  # it may never have been created
-            tmp.unlink()
-        cause = _os_error(exc)
-        if cause is not None:
-            raise ClipcoreError(f"{path}: cannot write ({cause.strerror or cause})") from exc
-        raise
-
-
-def _os_error(exc: BaseException | None) -> OSError | None:
-    """The OSError behind `exc`: torch's zip writer reports a failed write as a RuntimeError."""
-    while exc is not None and not isinstance(exc, OSError):
-        exc = exc.__cause__ or exc.__context__
-    return exc
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -7,7 +7,6 @@ to them, so N such epochs cost about one pass through the image tower.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -17,6 +16,7 @@ import torch
 from clipcore import paths
 from clipcore.checkpoint import load_file, load_model
 from clipcore.errors import ClipcoreError
+from clipcore.files import write_atomic
 from clipcore.features import backbone_features, resolve_device
 from clipcore.manifests import read_manifest
 from clipcore.params import Params
@@ -65,16 +65,8 @@ def embed_all(params: Params, data_root: Path, prepared: Path = paths.PREPARED) 
             embeddings = model.embed_features(features).float().cpu().numpy()
         query, gallery = np.split(embeddings, [sizes[0]])
         target = paths.embeddings_path(paths.epoch_of(model_file))
-        _save_npz(target, query=query, gallery=gallery,
-                  query_names=names["query"], gallery_names=names["gallery"])
+        write_atomic(target, lambda f: np.savez(
+            f, query=query, gallery=gallery,
+            query_names=names["query"], gallery_names=names["gallery"]))
         written.append(target)
     return EmbedReport(written, passes, dict(zip(SPLITS, sizes)))
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write all of it or nothing under `path` (a temporary file renamed when complete)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -15,6 +14,7 @@ from tqdm import tqdm
 
 from clipcore import paths
 from clipcore.errors import ClipcoreError
+from clipcore.files import write_text_atomic
 from clipcore.manifests import labels_by_name, read_manifest
 from clipcore.measures import metrics_for_indices
 from clipcore.params import RetrieveParams
@@ -174,9 +174,4 @@ def _remove_old_outputs() -> None:
 
 
 def _write_json(path: Path, content, indent: int) -> Path:
-    """Write all of it or nothing under `path` (a temporary file renamed when complete)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(content, indent=indent, ensure_ascii=False) + "\n")

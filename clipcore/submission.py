@@ -25,6 +25,7 @@ import pandas as pd
 import requests
 
 from clipcore.errors import ClipcoreError
+from clipcore.files import write_text_atomic
 from clipcore.manifests import labels_by_name, read_manifest
 from clipcore.params import SubmitParams
 from clipcore.paths import epoch_files, epoch_of
@@ -154,9 +155,9 @@ def submit_all(submit: SubmitParams, results: Path, prepared: Path, csv_path: Pa
                      "status": outcome.status,
                      "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "attempts": outcome.attempts})
-        _write_atomic(csv_path, pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(
+        write_text_atomic(csv_path, pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(
             index=False, lineterminator="\n"))
-        _write_atomic(metrics_path, json.dumps(_metrics(outcomes), indent=2) + "\n")
+        write_text_atomic(metrics_path, json.dumps(_metrics(outcomes), indent=2) + "\n")
         print(f"epoch {outcome.epoch}: {_summary(outcome, source)}", flush=True)
     failed = [outcome for outcome in outcomes if outcome.failed]
     if failed:
@@ -218,12 +219,3 @@ def _metrics(outcomes: list[Outcome]) -> dict:
         best = max(scored, key=lambda o: o.accuracy)  # max keeps the first of equals
         metrics["best"] = {"epoch": best.epoch, "accuracy": best.accuracy}
     return metrics
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` whole, so an interrupted run leaves the previous complete file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
