@@ -73,6 +73,12 @@ def load_model_params(path: str | Path) -> ModelParams:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> FineTunedCLIP:
     """Rebuild the base model, check it is the one the file was made on, apply the stored tensors."""
+    return load_model_file(path, device)[0]
+
+
+def load_model_file(path: str | Path,
+                    device: str | torch.device = "cpu") -> tuple[FineTunedCLIP, bool]:
+    """load_model's model, and whether the file's visual tower was trained (one read of the file)."""
     data, params = _read_model_file(path, device)
     try:
         model = build_model(params, device)
@@ -95,7 +101,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> FineTune
         raise ClipcoreError(
             f"{path}: tensors do not fit a {params.name} model ({str(exc).splitlines()[-1].strip()})"
         ) from exc
-    return model.eval()
+    return model.eval(), bool(data["backbone_trained"])
 
 
 def _read_model_file(path: str | Path, device) -> tuple[dict, ModelParams]:

@@ -43,14 +43,17 @@ def write_demo(out: Path, demo: DemoParams, seed: int) -> None:
             name = f"{_hex_name(rng)}.png"
             files.append((f"test/{split}/{name}", index))
             labels.append((split, name, str(label)))
-    for relative, index in tqdm(files, desc="demo images", unit="img"):
-        target = out / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _digit_image(digits.images[index], demo.image_size).save(target)
+    # The labels file goes first: it also marks the folder as the demo's, so a run interrupted
+    # while writing images leaves a folder the next run may clear.
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / paths.DEMO_LABELS, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["split", "file", "label"])
         writer.writerows(sorted(labels))
+    for relative, index in tqdm(files, desc="demo images", unit="img"):
+        target = out / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _digit_image(digits.images[index], demo.image_size).save(target)
 
 
 def _clear(out: Path) -> None:

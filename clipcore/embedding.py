@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from clipcore import paths
-from clipcore.checkpoint import load_file, load_model
+from clipcore.checkpoint import load_model_file
 from clipcore.errors import ClipcoreError
 from clipcore.files import write_atomic
 from clipcore.features import backbone_features, resolve_device
@@ -48,8 +48,7 @@ def embed_all(params: Params, data_root: Path, prepared: Path = paths.PREPARED) 
     shared: dict[str, torch.Tensor] = {}  # base identity -> features of query + gallery
     written, passes = [], 0
     for model_file in model_files:
-        model = load_model(model_file, device)  # checks the file; then read its flag
-        backbone_trained = load_file(model_file)["backbone_trained"]
+        model, backbone_trained = load_model_file(model_file, device)
         base = json.dumps(model.base, sort_keys=True)
         if backbone_trained or base not in shared:
             # Query and gallery in one pass: one loader start, decoding overlaps throughout.

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from clipcore import paths
 from clipcore.errors import ClipcoreError
+from clipcore.files import write_text_atomic
 from clipcore.images import IMAGE_SUFFIXES, UnreadableImage, load_rgb
 from clipcore.params import DataParams
 
@@ -64,11 +65,11 @@ def prepare(root: Path, out: Path, data: DataParams, seed: int) -> PrepareReport
              "label": [labels.get((split, f.name), "") for f in readable[split]],
              "caption": ""}, columns=COLUMNS)
 
-    out.mkdir(parents=True, exist_ok=True)
     for split, frame in frames.items():
-        frame.sort_values("path").to_csv(out / f"{split}.csv", index=False, lineterminator="\n")
-    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(
-        out / "skipped.csv", index=False, lineterminator="\n")
+        write_text_atomic(out / f"{split}.csv",
+                          frame.sort_values("path").to_csv(index=False, lineterminator="\n"))
+    write_text_atomic(out / "skipped.csv", pd.DataFrame(skipped, columns=["path", "reason"])
+                      .to_csv(index=False, lineterminator="\n"))
     if skipped:
         print(f"warning: skipped {len(skipped)} files that are not usable images, listed in "
               f"{out / 'skipped.csv'}", file=sys.stderr)
@@ -91,6 +92,18 @@ def labels_by_name(frame: pd.DataFrame) -> dict[str, str] | None:
     if (frame["label"] == "").any():
         return None
     return {PurePosixPath(path).name: label for path, label in zip(frame["path"], frame["label"])}
+
+
+def read_labels_table(path: Path) -> pd.DataFrame:
+    """A test_labels.csv as strings, checked for its split,file,label columns."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ClipcoreError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    if list(table.columns) != ["split", "file", "label"]:
+        raise ClipcoreError(f"{path}: columns must be split,file,label, "
+                            f"got {','.join(map(str, table.columns))}")
+    return table
 
 
 def caption(class_name: str, data: DataParams) -> str:
@@ -174,13 +187,7 @@ def _test_labels(root: Path, candidates: dict[str, list[Path]]) -> dict[tuple[st
     path = root / paths.DEMO_LABELS
     if not path.is_file():
         return {}
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ClipcoreError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    if list(table.columns) != ["split", "file", "label"]:
-        raise ClipcoreError(f"{path}: columns must be split,file,label, "
-                            f"got {','.join(map(str, table.columns))}")
+    table = read_labels_table(path)
     keys = list(zip(table["split"], table["file"]))
     known = {(split, f.name) for split in TEST_SPLITS for f in candidates[split]}
     problems = [("names unknown test file", sorted(set(keys) - known)),

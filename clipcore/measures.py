@@ -79,8 +79,7 @@ def metrics_for_names(ranking: dict[str, list[str]], query_labels: dict[str, str
     width = min(len(names) for names in ranking.values())
     width = width if k is None else min(width, k)
     queries = list(ranking)
-    gallery_names = list(gallery_labels)
-    index = {name: i for i, name in enumerate(gallery_names)}
+    index = {name: i for i, name in enumerate(gallery_labels)}
     indices = [[index[name] for name in ranking[q][:width]] for q in queries]
     return metrics_for_indices([query_labels[q] for q in queries],
-                               [gallery_labels[g] for g in gallery_names], indices, width)
+                               list(gallery_labels.values()), indices, width)

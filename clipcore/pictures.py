@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from clipcore.files import write_atomic
 from clipcore.images import UnreadableImage, load_rgb
 
 THUMB = 80           # pixels per thumbnail, frame included
@@ -49,9 +50,7 @@ def draw_grid(path: Path, caption: str, query_paths: Sequence[Path],
         for j, match in enumerate(ranked[:columns]):
             frame = None if hits is None else (RIGHT if hits[r][j] else WRONG)
             grid.paste(_tile(match, frame), (2 * GAP + THUMB + j * THUMB, top))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path, format="PNG")
-    return path
+    return write_atomic(path, lambda f: grid.save(f, format="PNG"))
 
 
 def _tile(path: Path, frame: tuple[int, int, int] | None) -> Image.Image:

@@ -73,8 +73,8 @@ def check_compatible(checkpoint: dict, base: dict, signature: dict) -> None:
             f"{path}: made on base weights {checkpoint['base']}, this run uses {base}; "
             f"set train.resume false to start over")
     for key, value in signature.items():
-        if checkpoint["signature"].get(key) != value:
-            was = checkpoint["signature"].get(key)
+        was = checkpoint["signature"].get(key)
+        if was != value:
             what = ("the classes in the train/val manifests changed" if key == "classes"
                     else f"made with {key}={was!r}, now {value!r}")
             raise ClipcoreError(f"{path}: {what}; set train.resume false to start over")

@@ -4,6 +4,7 @@ the rankings in the competition's format and, where the test labels are known, m
 from __future__ import annotations
 
 import csv
+import io
 import json
 import zipfile
 from dataclasses import dataclass
@@ -145,11 +146,12 @@ def write_metrics(metrics: dict[int, dict], best: int | None) -> None:
         summary = {"epochs": {str(e): m for e, m in metrics.items()},
                    "best": {"epoch": best, **metrics[best]}}
     _write_json(paths.RETRIEVAL_METRICS, summary, indent=2)
-    with open(paths.RETRIEVAL_PLOT, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for epoch, m in metrics.items():
-            writer.writerow([epoch, *(m[c] for c in CSV_COLUMNS[1:])])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for epoch, m in metrics.items():
+        writer.writerow([epoch, *(m[c] for c in CSV_COLUMNS[1:])])
+    write_text_atomic(paths.RETRIEVAL_PLOT, table.getvalue())
 
 
 def _caption(epoch: int, metrics: dict | None) -> str:

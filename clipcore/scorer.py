@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pandas as pd
-
 from clipcore import paths
 from clipcore.errors import ClipcoreError
+from clipcore.manifests import read_labels_table
 from clipcore.measures import metrics_for_names
 from clipcore.stage import run_stage
 
@@ -44,10 +43,7 @@ def read_labels(path: str | Path) -> GroundTruth:
     if not path.is_file():
         raise ClipcoreError(f"{path}: labels file not found (run `dvc repro demo`, "
                             f"or give --labels)")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if list(table.columns) != ["split", "file", "label"]:
-        raise ClipcoreError(f"{path}: columns must be split,file,label, "
-                            f"got {','.join(map(str, table.columns))}")
+    table = read_labels_table(path)
     bad = table[~table["split"].isin(["query", "gallery"]) | (table["label"] == "")
                 | table.duplicated(["split", "file"])]
     if len(bad):

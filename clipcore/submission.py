@@ -119,7 +119,7 @@ def _reason(exc: Exception) -> str:
 def read_ranking(path: Path) -> dict[str, list[str]]:
     """A results file: {query name: [gallery names, best first]}."""
     try:
-        ranking = json.loads(Path(path).read_text())
+        ranking = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ClipcoreError(f"{path}: cannot read results ({exc})") from None
     if not isinstance(ranking, dict) or not ranking or not all(

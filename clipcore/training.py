@@ -3,7 +3,7 @@ tower) trained with the retrieval CLIP loss, validated by retrieval among the va
 
 Writes, per epoch X (epoch 0 = the untouched base model, so the metrics show what fine-tuning
 gained): `all_weights/model_epoch_X.pt` (what inference needs), `checkpoints/weights_epoch_X.pth`
-(what resuming needs), a row of `metrics/training_metrics.csv` and a dvclive step.
+(what resuming needs; X >= 1 only), a row of `metrics/training_metrics.csv` and a dvclive step.
 
 With a frozen backbone every image goes through the image tower once; the head then trains on
 the stored features, so epoch 2 onwards costs a small fraction of epoch 1.
@@ -11,6 +11,7 @@ the stored features, so epoch 2 onwards costs a small fraction of epoch 1.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import random
 import sys
@@ -30,6 +31,7 @@ from clipcore import paths
 from clipcore.checkpoint import load_file, save_atomic, save_model
 from clipcore.errors import ClipcoreError
 from clipcore.features import autocast, backbone_features, image_loader, resolve_device
+from clipcore.files import write_text_atomic
 from clipcore.loss import RetrievalClipLoss, TextTargets
 from clipcore.manifests import read_manifest
 from clipcore.measures import retrieval_metrics
@@ -223,7 +225,7 @@ class Trainer:
             raise ClipcoreError(f"{path}: training reached epoch {epoch} but train.epochs is "
                                 f"{self.params.train.epochs}; raise it or set train.resume false")
         _remove_epoch_files(after=epoch)
-        self._restore_model_files(epoch)
+        self._restore_model_files(epoch, checkpoint["state"])
         self.model.load_state_dict(checkpoint["state"], strict=False)
         self.targets.load_state_dict(checkpoint["text_targets"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -234,16 +236,18 @@ class Trainer:
         write_metrics_csv(history, paths.TRAINING_METRICS_CSV)
         return history
 
-    def _restore_model_files(self, upto: int) -> None:
+    def _restore_model_files(self, upto: int, upto_state: dict[str, torch.Tensor]) -> None:
         """Rewrite missing model files (DVC deletes them before the stage runs) from the
-        untouched model (epoch 0) and the earlier checkpoints."""
+        untouched model (epoch 0) and the earlier checkpoints (epoch `upto`'s state is given:
+        its checkpoint was just read)."""
         for epoch in range(upto + 1):
             target = paths.model_path(epoch)
             if target.exists():
                 continue
             if epoch > 0:
                 try:
-                    state = load_file(paths.checkpoint_path(epoch))["state"]
+                    state = (upto_state if epoch == upto
+                             else load_file(paths.checkpoint_path(epoch))["state"])
                 except (ClipcoreError, KeyError) as exc:
                     print(f"warning: cannot rewrite {target}: {exc}", file=sys.stderr)
                     continue
@@ -296,12 +300,12 @@ def validation_metrics(embeddings: np.ndarray, labels: np.ndarray, k: int) -> di
 
 
 def write_metrics_csv(history: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(METRIC_COLUMNS)
-        for row in history:
-            writer.writerow(["" if _missing(row[c]) else row[c] for c in METRIC_COLUMNS])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(METRIC_COLUMNS)
+    for row in history:
+        writer.writerow(["" if _missing(row[c]) else row[c] for c in METRIC_COLUMNS])
+    write_text_atomic(path, table.getvalue())
 
 
 def _log(live: Live, row: dict) -> None:
