@@ -49,7 +49,7 @@ class TextTargets(nn.Module):
 
     def __init__(self, initial: torch.Tensor, learnable: bool):
         super().__init__()
-        initial = F.normalize(initial.detach().float(), dim=-1).clone()
+        initial = F.normalize(initial.detach().float(), dim=-1)  # a new tensor: no clone needed
         if learnable:
             self.targets = nn.Parameter(initial)
         else:
