@@ -1,8 +1,10 @@
 """Saving and loading model files and checkpoints: atomic writes, safe reads.
 
-Every read goes through `torch.load(weights_only=True)`, which refuses pickled code. Every write
-goes to a temporary file in the target folder and is renamed over the target only once complete,
-so an interrupted run never leaves a half-written file under a real name.
+Every read goes through `torch.load(weights_only=True)`, which refuses pickled code, after a check
+of the zip archive's CRC-32 checksums: torch.load does not check them, so a flipped bit would load
+as a changed tensor. Every write goes to a temporary file in the target folder and is renamed
+over the target only once complete, so an interrupted run never leaves a half-written file under
+a real name.
 
 A model file (`model_epoch_X.pt`) holds what inference needs on top of the base weights: the head,
 and the visual tower only when training changed it. A frozen run's file is about a megabyte.
@@ -10,6 +12,7 @@ and the visual tower only when training changed it. A frozen run's file is about
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -20,6 +23,12 @@ from clipcore.model import FineTunedCLIP, build_model
 from clipcore.params import ModelParams
 
 MODEL_FORMAT = "clipcore-model/1"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+class DamagedFile(ClipcoreError):
+    """A file that was a complete torch archive once and is not any more (cut short, bits
+    changed): unlike a foreign or incompatible file, an older copy may serve instead."""
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:
@@ -32,19 +41,38 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dic
     path = Path(path)
     if not path.is_file():
         raise ClipcoreError(f"{path}: file not found")
+    check_archive(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch reports a cut or foreign file in many ways
+    except Exception as exc:  # a sound archive that torch can't read: another format or version
         message = str(exc).strip()
         if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in message:
             raise ClipcoreError(
                 f"{path}: not a safe checkpoint (it holds Python objects other than tensors and "
                 f"plain data, numpy values included; refusing to unpickle it)") from exc
         reason = (message.splitlines() or [type(exc).__name__])[0]
-        raise ClipcoreError(f"{path}: truncated or not a clipcore file ({reason})") from exc
+        raise ClipcoreError(f"{path}: not a clipcore file ({reason})") from exc
     if not isinstance(obj, dict):
         raise ClipcoreError(f"{path}: not a clipcore file (holds a {type(obj).__name__}, not a dict)")
     return obj
+
+
+def check_archive(path: Path) -> None:
+    """DamagedFile when a torch archive is cut short or fails its CRC-32 check (reads it all);
+    ClipcoreError when the file is no torch archive at all."""
+    try:
+        with open(path, "rb") as f:
+            is_zip = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+        if not is_zip:
+            raise ClipcoreError(f"{path}: not a clipcore file (not a torch zip archive)")
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise DamagedFile(f"{path}: damaged: truncated or corrupt zip archive ({exc})") from None
+    except OSError as exc:
+        raise ClipcoreError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if bad is not None:
+        raise DamagedFile(f"{path}: damaged: CRC-32 check failed for {bad} (changed bits)")
 
 
 def inference_state(model: FineTunedCLIP, backbone_trained: bool) -> dict:
@@ -55,7 +83,7 @@ def inference_state(model: FineTunedCLIP, backbone_trained: bool) -> dict:
     return {
         "format": MODEL_FORMAT,
         "model": {"name": model.base["name"], "pretrained": model.base["pretrained"],
-                  "embed_dim": model.embed_dim, "dropout": model.head[0].p},
+                  "embed_dim": model.embed_dim, "dropout": model.head.dropout.p},
         "base": dict(model.base),
         "backbone_trained": backbone_trained,
         "state": {k: v.detach().cpu() for k, v in state.items()},

@@ -24,14 +24,15 @@ from clipcore.params import DemoParams
 DIGIT_MAX = 16  # load_digits pixel values run from 0 to 16
 
 
-def write_demo(out: Path, demo: DemoParams, seed: int) -> None:
-    """Write train/<digit>/, test/query/, test/gallery/ and test_labels.csv under `out`."""
+def write_demo(out: Path, demo: DemoParams, seed: int, digits_kept=range(10)) -> None:
+    """Write train/<digit>/, test/query/, test/gallery/ and test_labels.csv under `out`, for the
+    digits in `digits_kept` (all ten by default; bench/bench_accuracy.py splits them)."""
     out = Path(out)
     _clear(out)
     digits = load_digits()
     rng = random.Random(seed)
     files, labels = [], []  # (relative path, image index); (split, file, label)
-    for label in range(10):
+    for label in digits_kept:
         indices = [int(i) for i in np.flatnonzero(digits.target == label)]
         rng.shuffle(indices)
         n_test, n_query = _test_counts(len(indices), demo)

@@ -59,8 +59,9 @@ def image_loader(paths: Sequence[Path], transform: Callable, *, num_workers: int
 
 
 def backbone_features(model: FineTunedCLIP, paths: Sequence[Path], *, batch_size: int,
-                      num_workers: int, desc: str) -> torch.Tensor:
-    """(N, feature_dim) float32 backbone features of the images, in order, on the model's device.
+                      num_workers: int, desc: str, tta: str = "none") -> torch.Tensor:
+    """(N, feature_dim) float32 backbone features of the images, in order, on the model's device;
+    with tta "flip", (N, 2, feature_dim): the image's and its mirror's (embed.tta).
 
     Images are read with the model's validation transform (no augmentation): the features stand
     for the image itself, whatever epoch or model file applies its head to them later.
@@ -74,8 +75,13 @@ def backbone_features(model: FineTunedCLIP, paths: Sequence[Path], *, batch_size
     try:
         with torch.inference_mode(), tqdm(total=len(paths), desc=desc, unit="img") as bar:
             for images, _ in loader:
+                images = images.to(device, non_blocking=True)
                 with autocast(device):
-                    chunks.append(model.backbone_features(images.to(device, non_blocking=True)))
+                    features = model.backbone_features(images)
+                    if tta == "flip":  # the mirror of the network's input: one decode, two views
+                        features = torch.stack(
+                            [features, model.backbone_features(images.flip(-1))], dim=1)
+                    chunks.append(features)
                 bar.update(len(images))
     except UnreadableImage as exc:  # prepare checked every file: one changed since
         # From a worker, the message carries the worker's traceback: keep its last line.
@@ -84,6 +90,6 @@ def backbone_features(model: FineTunedCLIP, paths: Sequence[Path], *, batch_size
     finally:
         model.train(was_training)
     if not chunks:
-        return torch.zeros(0, model.head[1].in_features, device=device)
+        return torch.zeros(0, model.head.feature_dim, device=device)
     # Outside inference mode: the result is an ordinary tensor that autograd may save.
     return torch.cat(chunks).float()

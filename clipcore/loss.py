@@ -19,15 +19,26 @@ class RetrievalClipLoss(nn.Module):
         self.same_class_positives = same_class_positives
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor,
-                logit_scale: torch.Tensor) -> torch.Tensor:
+                logit_scale: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         """image_emb, text_emb: (B, D) L2-normalised; labels: (B,) class ids; logit_scale: log of
-        the inverse temperature (a scalar tensor, as open_clip's CLIP.logit_scale)."""
+        the inverse temperature (a scalar tensor, as open_clip's CLIP.logit_scale).
+
+        rows: with several processes, this process's rows of the gathered batch. The loss is then
+        its share of the batch's loss: its images' and its texts' terms (open_clip's local loss)
+        over the batch size, so the shares sum to the whole batch's loss. (The B x B logits cost
+        little next to the image tower; computing them whole keeps one process's path as is.)"""
         logits = logit_scale.exp() * image_emb @ text_emb.T
+        # This process's image rows and text rows (of logits.T); no rows: all, untouched.
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         if self.same_class_positives:
-            positives = labels[:, None] == labels[None, :]  # symmetric, diagonal always set
-            return (_multi_positive_ce(logits, positives) + _multi_positive_ce(logits.T, positives)) / 2
-        targets = torch.arange(len(labels), device=logits.device)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+            positives = pick(labels[:, None] == labels[None, :])  # symmetric, diagonal set
+            loss = (_multi_positive_ce(pick(logits), positives)
+                    + _multi_positive_ce(pick(logits.T), positives)) / 2
+        else:
+            targets = pick(torch.arange(len(labels), device=logits.device))
+            loss = (F.cross_entropy(pick(logits), targets)
+                    + F.cross_entropy(pick(logits.T), targets)) / 2
+        return loss if rows is None else loss * (rows.stop - rows.start) / len(labels)
 
 
 def _multi_positive_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -54,6 +65,18 @@ class TextTargets(nn.Module):
             self.targets = nn.Parameter(initial)
         else:
             self.register_buffer("targets", initial)
+
+    @torch.no_grad()
+    def start_at_class_means(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Move each class's target to the mean direction of its images' (N, D) embeddings;
+        classes without images (held out for validation) keep their caption's embedding.
+
+        Why: numeric class names caption as near-identical texts that say nothing of the class,
+        and pulling images towards such targets first scrambles the image space before the
+        targets move apart; the class means already describe the classes as the images do."""
+        sums = torch.zeros_like(self.targets).index_add_(0, labels, embeddings.to(self.targets))
+        present = torch.bincount(labels, minlength=len(self.targets)) > 0
+        self.targets[present] = F.normalize(sums[present], dim=-1)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """(B, D) normalised target rows for class ids `labels`."""

@@ -56,7 +56,7 @@ def prepare(root: Path, out: Path, data: DataParams, seed: int) -> PrepareReport
 
     train = _train_frame(readable["train"], folders["train"], root, data)
     _check_test_names(readable, root)
-    labels = _test_labels(root, candidates)
+    labels = _test_labels(root, candidates, readable)
     is_val = _val_mask(train["label"], data, seed)
     frames = {"train": train[~is_val], "val": train[is_val]}
     for split in TEST_SPLITS:
@@ -182,16 +182,19 @@ def _check_test_names(readable: dict[str, list[Path]], root: Path) -> None:
             seen[path.name] = path
 
 
-def _test_labels(root: Path, candidates: dict[str, list[Path]]) -> dict[tuple[str, str], str]:
-    """(split, base name) -> class from test_labels.csv; {} when the root has none."""
+def _test_labels(root: Path, candidates: dict[str, list[Path]],
+                 readable: dict[str, list[Path]]) -> dict[tuple[str, str], str]:
+    """(split, base name) -> class from test_labels.csv; {} when the root has none. Every
+    readable test image needs a label; a skipped file (unreadable) may have one or not."""
     path = root / paths.DEMO_LABELS
     if not path.is_file():
         return {}
     table = read_labels_table(path)
     keys = list(zip(table["split"], table["file"]))
     known = {(split, f.name) for split in TEST_SPLITS for f in candidates[split]}
+    usable = {(split, f.name) for split in TEST_SPLITS for f in readable[split]}
     problems = [("names unknown test file", sorted(set(keys) - known)),
-                ("lacks labels for", sorted(known - set(keys))),
+                ("lacks labels for", sorted(usable - set(keys))),
                 ("has an empty label for", sorted(k for k, label in zip(keys, table["label"])
                                                   if not label)),
                 ("repeats", sorted(k for k, n in Counter(keys).items() if n > 1))]

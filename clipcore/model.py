@@ -97,7 +97,8 @@ def _quiet_random_init(asked: bool):
 
 
 class FineTunedCLIP(nn.Module):
-    """CLIP image tower -> Dropout -> Linear -> L2 norm; the text tower only embeds captions.
+    """CLIP image tower -> ResidualHead (Dropout + Linear) -> L2 norm; the text tower only embeds
+    captions.
 
     The head starts as the identity (zero-padded when embed_dim is larger), so before any training
     step the embeddings are exactly zero-shot CLIP's and captions land in the same space.
@@ -111,12 +112,7 @@ class FineTunedCLIP(nn.Module):
         self.tokenizer = tokenizer
         self.embed_dim = embed_dim
         self.base = base
-        # skip_init: no random init to overwrite, and no draw from the caller's random stream.
-        linear = nn.utils.skip_init(nn.Linear, feature_dim, embed_dim)
-        self.head = nn.Sequential(nn.Dropout(dropout), linear)
-        with torch.no_grad():
-            self.head[1].weight.copy_(torch.eye(embed_dim, feature_dim))
-            self.head[1].bias.zero_()
+        self.head = ResidualHead(feature_dim, embed_dim, dropout)
         # open_clip's train transform is a random resized crop only; retrieval wants flips too.
         self.preprocess_train = transforms.Compose(
             [transforms.RandomHorizontalFlip(), *preprocess_train.transforms])
@@ -149,7 +145,11 @@ class FineTunedCLIP(nn.Module):
         return self.clip.encode_image(images)
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(features), dim=-1)
+        """(B, embed_dim) unit embeddings of (B, feature_dim) features; of (B, V, feature_dim)
+        features of V views of each image (test-time augmentation): the views' mean embedding,
+        renormalised."""
+        embeddings = F.normalize(self.head(features), dim=-1)
+        return F.normalize(embeddings.mean(dim=1), dim=-1) if embeddings.ndim == 3 else embeddings
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed_features(self.backbone_features(images))
@@ -178,6 +178,47 @@ class FineTunedCLIP(nn.Module):
     def backbone_state(self) -> dict[str, torch.Tensor]:
         """The visual tower's tensors, keyed as in this module's state_dict()."""
         return {f"clip.visual.{k}": v for k, v in self.clip.visual.state_dict().items()}
+
+
+class ResidualHead(nn.Module):
+    """The projection head: features plus a Dropout+Linear branch on standardised features,
+
+        head(f) = pad(f) + rms(std) * Linear(Dropout((f - mean) / std)),
+
+    with the Linear starting at zero, so an untrained head is exactly the identity (zero-padded to
+    embed_dim) and weight decay pulls towards zero-shot CLIP rather than towards a zero matrix.
+
+    Why standardise: CLIP features share one large common direction (tiny random model: 99.75%
+    of the norm; pretrained CLIP on one domain: most of it), so a Linear fed raw features gets
+    gradients dominated by that direction and Adam's per-weight steps swamp the small
+    class-telling variation. `mean`/`std` are the training images' feature statistics, set once
+    before training (`set_feature_stats`); with the defaults (0, 1) the branch sees raw features.
+    The rms(std) factor keeps the branch in feature units, so one lr means the same for any backbone.
+    """
+
+    def __init__(self, feature_dim: int, embed_dim: int, dropout: float):
+        super().__init__()
+        self.feature_dim, self.embed_dim = feature_dim, embed_dim
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(feature_dim, embed_dim)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.bias.zero_()
+        self.register_buffer("mean", torch.zeros(feature_dim))
+        self.register_buffer("std", torch.ones(feature_dim))
+
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """Standardise the branch's input with these (N, feature_dim) features' statistics."""
+        features = features.float()
+        self.mean.copy_(features.mean(dim=0))
+        # A floor keeps a constant feature (or a single image) from dividing by zero.
+        self.std.copy_(features.std(dim=0, correction=0).clamp_min(1e-6 * features.abs().max()))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        standardised = (features - self.mean) / self.std
+        branch = self.linear(self.dropout(standardised)) * self.std.square().mean().sqrt()
+        return F.pad(features, (0, self.embed_dim - self.feature_dim)) + branch
 
 
 def file_sha256(path: str | Path) -> str:

@@ -6,6 +6,7 @@ with one line naming the key before any image is read or any model is built.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class TrainParams:
     freeze_backbone: bool
+    standardize_features: bool
     epochs: int = _field(ge=0)
     batch_size: int = _field(ge=2)
     lr: float = _field(gt=0.0)
@@ -65,27 +67,79 @@ class TrainParams:
     augment: bool
     num_workers: int = _field(ge=0)
     resume: bool
+    keep_checkpoints: int = _field(ge=0)  # 0: keep every epoch's checkpoint
     device: str = _field(choices=("auto", "cpu", "cuda"))
+    processes: int = _field(ge=1)  # train and embed on this many processes (torchrun)
     val_top_k: int = _field(ge=1)
+    sampler: str = _field(choices=("random", "class_balanced"))
+    images_per_class: int = _field(ge=2)  # K of class_balanced P x K batches
+
+    def __post_init__(self):
+        if self.sampler == "class_balanced" and self.batch_size % self.images_per_class:
+            raise ParamsError(f"'train.batch_size' ({self.batch_size}) must be a multiple of "
+                              f"'train.images_per_class' ({self.images_per_class}) with "
+                              f"train.sampler class_balanced")
 
 
 @dataclass(frozen=True)
 class LossParams:
     same_class_positives: bool
     text_targets: str = _field(choices=("frozen", "learnable"))
+    target_init: str = _field(choices=("caption", "class_mean"))
 
 
 @dataclass(frozen=True)
 class EmbedParams:
     batch_size: int = _field(ge=1)
     num_workers: int = _field(ge=0)
+    wise_ft_alpha: float = _field(ge=0.0, le=1.0)
+    tta: str = _field(choices=("none", "flip"))
+
+
+@dataclass(frozen=True)
+class QueryExpansionParams:
+    k: int = _field(ge=1)
+    alpha: float = _field(ge=0.0)
+
+
+@dataclass(frozen=True)
+class KReciprocalParams:
+    k1: int = _field(ge=1)
+    k2: int = _field(ge=1)
+    lambda_value: float = _field(ge=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class IvfParams:
+    nlist: int = _field(ge=0)  # 0: chosen from the gallery size
+    nprobe: int = _field(ge=1)
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    m: int = _field(ge=2)
+    ef_construction: int = _field(ge=1)
+    ef_search: int = _field(ge=1)
 
 
 @dataclass(frozen=True)
 class RetrieveParams:
     top_k: int = _field(ge=1)
     metric: str = _field(choices=("cosine", "euclidean"))
+    index: str = _field(choices=("exact", "ivf", "hnsw"))
+    ivf: IvfParams
+    hnsw: HnswParams
     picture_queries: int = _field(ge=0)
+    rerank: str = _field(choices=("none", "aqe", "kreciprocal"))
+    qe: QueryExpansionParams
+    dba_k: int = _field(ge=0)  # 0: no database-side augmentation
+    kreciprocal: KReciprocalParams
+
+    def __post_init__(self):
+        # Query expansion and DBA average unit vectors: they mean nothing for raw L2 distances.
+        if self.metric != "cosine" and (self.rerank == "aqe" or self.dba_k):
+            raise ParamsError("'retrieve.rerank: aqe' and 'retrieve.dba_k' need "
+                              "'retrieve.metric: cosine'")
 
 
 @dataclass(frozen=True)
@@ -95,6 +149,7 @@ class SubmitParams:
     timeout: float = _field(gt=0.0)
     retries: int = _field(ge=0)
     backoff: float = _field(ge=0.0)
+    force: bool
 
 
 @dataclass(frozen=True)
@@ -146,7 +201,10 @@ def _build(cls, raw, prefix: str, source: str):
             values[name] = _build(hint, raw[name], prefix=key + ".", source=source)
         else:
             values[name] = _convert(raw[name], hint, key, f.metadata, source)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ParamsError as exc:  # a rule between keys (__post_init__): name the file too
+        raise ParamsError(f"{source}: {exc}") from None
 
 
 def _convert(value, hint, key: str, check, source: str):
@@ -155,6 +213,9 @@ def _convert(value, hint, key: str, check, source: str):
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
+        # PyYAML (YAML 1.1) reads `1e-3` as a string: a float needs a dot there (1.0e-3).
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif hint is str:
@@ -167,6 +228,9 @@ def _convert(value, hint, key: str, check, source: str):
         raise ParamsError(f"{source}: '{key}' must be {_type_name(hint)}, got {_describe(value)}")
     _check_range(value, key, check, source)
     return value
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _check_range(value, key: str, check, source: str) -> None:

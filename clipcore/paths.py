@@ -20,6 +20,7 @@ EMBEDDINGS = REPOSITORY / "embeddings"    # epoch_X.npz: query, gallery, query_n
 RESULTS = REPOSITORY / "results"          # retrieval_results_epoch_X.json
 PICTURES = RESULTS / "pictures"           # epoch_X.png
 SUBMISSION_CSV = REPOSITORY / "submission_accuracy.csv"
+SUBMISSION_HISTORY = REPOSITORY / "submission_history.csv"  # every server answer, appended
 
 
 def checkpoint_path(epoch: int) -> Path:

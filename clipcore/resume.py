@@ -1,5 +1,5 @@
 """Training checkpoints (`weights_epoch_X.pth`): what a run needs to continue exactly where it
-stopped, and how to find the newest one that is complete.
+stopped, how to find the newest one that is complete, and whether it belongs to this run.
 
 A checkpoint holds what training changed (never the untouched base weights), the optimizer and
 scheduler, every RNG state and the metric rows so far, so a resumed run ends with the same
@@ -7,6 +7,8 @@ numbers as one that never stopped.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import random
 import sys
 from pathlib import Path
@@ -15,11 +17,21 @@ import numpy as np
 import torch
 
 from clipcore import paths
-from clipcore.checkpoint import load_file
+from clipcore.checkpoint import DamagedFile, load_file
 from clipcore.errors import ClipcoreError
+from clipcore.params import Params
 
-TRAIN_FORMAT = "clipcore-train/1"
-REQUIRED = ("epoch", "base", "signature", "state", "optimizer", "scheduler", "rng", "history")
+TRAIN_FORMAT = "clipcore-train/2"  # /2: the signature holds every outcome-shaping setting
+# Params that may change when a run resumes: they don't change what a training step computes
+# (train.epochs stretches the schedule: see README, Resuming). Sections of the later stages
+# and the data's location are no part of training; the data itself is compared by digest.
+MAY_CHANGE = ("train.epochs", "train.resume", "train.num_workers", "train.device",
+              "train.keep_checkpoints")
+NOT_TRAINING = ("demo.", "embed.", "retrieve.", "submit.", "data.root")
+SPLIT_KEY = "data.split"  # sha256 of the train and val manifests
+_ABSENT = "(not recorded)"
+REQUIRED = ("epoch", "epochs", "base", "signature", "state", "optimizer", "scheduler", "rng",
+            "history")
 
 
 def rng_state(loader_generator: torch.Generator) -> dict:
@@ -46,35 +58,80 @@ def restore_rng(state: dict, loader_generator: torch.Generator) -> None:
     loader_generator.set_state(state["loader"])
 
 
-def newest_checkpoint(folder: Path = paths.CHECKPOINTS) -> dict | None:
-    """The newest checkpoint that reads back whole, or None when there is none.
+def run_settings(params: Params, prepared: Path) -> dict:
+    """Every setting that shapes what training computes, as flat dotted keys, and the digest of
+    the train/val manifests (the data and its split). Built from the params dataclasses, so a
+    key added to params.yaml later is compared too unless listed in MAY_CHANGE/NOT_TRAINING."""
+    settings = {key: value for key, value in _flatten(dataclasses.asdict(params)).items()
+                if key not in MAY_CHANGE and not key.startswith(NOT_TRAINING)}
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        digest.update((Path(prepared) / f"{split}.csv").read_bytes())
+    settings[SPLIT_KEY] = digest.hexdigest()
+    return settings
 
-    A newest file that is truncated or damaged (a run killed while the disk filled, say) is
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def newest_checkpoint(folder: Path = paths.CHECKPOINTS) -> dict | None:
+    """The newest checkpoint that reads back whole, or None when the folder holds none.
+
+    A damaged newest file (cut short or with changed bits: a crash, a full disk, a bad copy) is
     skipped with a warning and the one before it used: losing an epoch beats losing the run.
+    Anything else (a foreign file, another format) stops the run, and so does a folder where no
+    checkpoint loads: starting over would delete them all.
     """
-    for path in reversed(paths.epoch_files(folder, "weights_epoch_*.pth")):
+    files = paths.epoch_files(folder, "weights_epoch_*.pth")
+    for path in reversed(files):
         try:
             data = load_file(path)
-            missing = [key for key in REQUIRED if key not in data]
-            if data.get("format") != TRAIN_FORMAT or missing:
-                raise ClipcoreError(f"{path}: not a complete clipcore training checkpoint")
-        except ClipcoreError as exc:
-            print(f"warning: skipping {exc}", file=sys.stderr)
+        except DamagedFile as exc:
+            print(f"warning: skipping {exc}; trying the epoch before", file=sys.stderr)
             continue
+        if data.get("format") != TRAIN_FORMAT:
+            raise ClipcoreError(f"{path}: not a training checkpoint this clipcore continues "
+                                f"(format {data.get('format')!r}, expected {TRAIN_FORMAT!r}); "
+                                f"nothing was deleted: set train.resume false to start over")
+        missing = [key for key in REQUIRED if key not in data]
+        if missing:
+            raise ClipcoreError(f"{path}: incomplete training checkpoint (no {missing[0]!r} "
+                                f"entry); nothing was deleted: set train.resume false to start over")
         return {**data, "path": path}
+    if files:
+        raise ClipcoreError(f"{folder}: none of the {len(files)} checkpoints loads (each is "
+                            f"damaged, see the warnings); nothing was deleted: set train.resume "
+                            f"false to start over")
     return None
 
 
 def check_compatible(checkpoint: dict, base: dict, signature: dict) -> None:
-    """One-line error when the checkpoint can't continue this run (other base, other shapes)."""
+    """One-line error naming every setting in which the checkpoint's run differs from this one
+    (base weights, params, data split, classes): resuming it would mix two runs."""
     path = checkpoint["path"]
     if checkpoint["base"] != base:
         raise ClipcoreError(
             f"{path}: made on base weights {checkpoint['base']}, this run uses {base}; "
             f"set train.resume false to start over")
-    for key, value in signature.items():
-        was = checkpoint["signature"].get(key)
-        if was != value:
-            what = ("the classes in the train/val manifests changed" if key == "classes"
-                    else f"made with {key}={was!r}, now {value!r}")
-            raise ClipcoreError(f"{path}: {what}; set train.resume false to start over")
+    stored = checkpoint["signature"]
+    differ = [key for key in sorted(set(signature) | set(stored))
+              if stored.get(key, _ABSENT) != signature.get(key, _ABSENT)]
+    if differ:
+        raise ClipcoreError(
+            f"{path}: made with {'; '.join(_difference(key, stored, signature) for key in differ)}"
+            f"; set train.resume false to start over (nothing was deleted; on resume only "
+            f"{', '.join(MAY_CHANGE)} may change)")
+
+
+def _difference(key: str, stored: dict, now: dict) -> str:
+    if key in (SPLIT_KEY, "classes"):  # long values: what changed says enough
+        return f"other {key} (the train/val manifests changed)"
+    was, value = stored.get(key, _ABSENT), now.get(key, _ABSENT)
+    return f"{key}={was!r}, now {value!r}"

@@ -20,7 +20,8 @@ from clipcore.manifests import labels_by_name, read_manifest
 from clipcore.measures import metrics_for_indices
 from clipcore.params import RetrieveParams
 from clipcore.pictures import draw_grid, picture_rows
-from clipcore.search import top_k
+from clipcore.rerank import ranked
+from clipcore.search import index_spec, top_k
 
 SPLITS = ("query", "gallery")
 CSV_COLUMNS = ("epoch", "score", "top1", "top5", "top10", "precision_at_k", "map_at_k")
@@ -76,8 +77,7 @@ def retrieve_all(params: RetrieveParams, data_root: Path,
     metrics = {epoch: metrics_for_indices(query.labels, gallery.labels, indices, k=params.top_k)
                for epoch, indices in rankings.items()} if labelled else {}
 
-    _remove_old_outputs()
-    written = []
+    written, pictures = [], []
     for epoch, indices in rankings.items():
         ranking = {q: [gallery.names[i] for i in row] for q, row in zip(query.names, indices)}
         written.append(_write_json(paths.results_path(epoch), ranking, indent=1))
@@ -87,6 +87,8 @@ def retrieve_all(params: RetrieveParams, data_root: Path,
             draw_grid(paths.picture_path(epoch), _caption(epoch, metrics.get(epoch)),
                       [query.paths[r] for r in rows],
                       [[gallery.paths[i] for i in indices[r]] for r in rows], hits)
+            pictures.append(paths.picture_path(epoch))
+    _remove_old_outputs(keep={*written, *pictures})
     best = max(metrics, key=lambda e: (metrics[e]["score"], -e)) if metrics else None
     write_metrics(metrics, best)
     return RetrieveReport(written, metrics, best)
@@ -98,7 +100,10 @@ def _search(file: Path, query: Split, gallery: Split, params: RetrieveParams,
     embeddings = load_embeddings(file)
     check_names(embeddings, {"query": query, "gallery": gallery}, file, prepared)
     try:
-        return top_k(embeddings.query, embeddings.gallery, params.top_k, params.metric)
+        # Re-ranking (retrieve.rerank, dba_k) runs around this search; none: the search alone.
+        return ranked(embeddings.query, embeddings.gallery, params,
+                      search=lambda q, g, k: top_k(q, g, k, params.metric,
+                                                   index=index_spec(params)))
     except ClipcoreError as exc:
         raise ClipcoreError(f"{file}: {exc}") from None
 
@@ -168,11 +173,13 @@ def _split(frame, data_root: Path) -> Split:
                  labels=None if labels is None else np.array([labels[n] for n in names]))
 
 
-def _remove_old_outputs() -> None:
-    """A direct run must not leave an earlier run's epochs behind (dvc repro deletes outs)."""
+def _remove_old_outputs(keep: set[Path]) -> None:
+    """A direct run must not leave an earlier run's epochs behind (dvc repro deletes outs);
+    called once the new files exist, so a run that fails keeps the earlier ones."""
     for old in [*paths.RESULTS.glob("retrieval_results_epoch_*.json"),
                 *paths.PICTURES.glob("epoch_*.png")]:
-        old.unlink()
+        if old not in keep:
+            old.unlink()
 
 
 def _write_json(path: Path, content, indent: int) -> Path:

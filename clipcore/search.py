@@ -1,5 +1,6 @@
-"""Exact top-k search over a gallery with FAISS: cosine (inner product of L2-normalised
-vectors) or Euclidean (L2 distance).
+"""Top-k search over a gallery with FAISS: cosine (inner product of L2-normalised vectors)
+or Euclidean (L2 distance); exact by default, or through an approximate index (clipcore.ann)
+for galleries too large to scan for every query.
 
 `faiss.knn` runs the same exhaustive search as IndexFlatIP / IndexFlatL2 (blocked BLAS
 products, a heap per query) straight on the gallery array, without copying it into an index.
@@ -9,7 +10,8 @@ machine (bench/bench_search.py).
 
 Results equal a brute-force ranking by (score, gallery index): equal scores are ordered by
 gallery index, including at the cut, where FAISS's heap would otherwise pick among tied
-candidates by the order it met them.
+candidates by the order it met them. Approximate results are ordered the same way among the
+candidates the index found.
 """
 from __future__ import annotations
 
@@ -18,16 +20,25 @@ from concurrent.futures import ThreadPoolExecutor
 import faiss
 import numpy as np
 
+from clipcore import ann
 from clipcore.errors import ClipcoreError
+from clipcore.params import HnswParams, IvfParams, RetrieveParams
 
 METRICS = ("cosine", "euclidean")
 
 
+def index_spec(params: RetrieveParams) -> IvfParams | HnswParams | None:
+    """The approximate index `retrieve.index` names, with its knobs; None for exact search."""
+    return {"ivf": params.ivf, "hnsw": params.hnsw}.get(params.index)
+
+
 def top_k(query: np.ndarray, gallery: np.ndarray, k: int, metric: str = "cosine",
-          exclude_self: bool = False) -> np.ndarray:
+          exclude_self: bool = False, index: IvfParams | HnswParams | None = None) -> np.ndarray:
     """Indices (Q, k) int64 of the k nearest gallery rows for each query row, best first.
 
     exclude_self: query and gallery are the same set; row i never retrieves gallery row i.
+    index: None searches exactly; IvfParams or HnswParams build that FAISS index on the
+    gallery and search it.
     """
     query, gallery = _checked(query, "query"), _checked(gallery, "gallery")
     if metric not in METRICS:
@@ -52,12 +63,34 @@ def top_k(query: np.ndarray, gallery: np.ndarray, k: int, metric: str = "cosine"
         scores, indices = _knn(rows, gallery, n, faiss_metric)
         return scores * sign, indices
 
-    indices = _ranked(search, query, k + int(exclude_self), len(gallery))
+    width = k + int(exclude_self)
+    if index is None:
+        indices = _ranked(search, query, width, len(gallery))
+    else:
+        indices = ranked_by_index(ann.build(gallery, faiss_metric, index), query, width, metric)
+        # IVF: the lists visited may hold fewer than `width` vectors; search those rows exactly.
+        short = (indices < 0).any(axis=1)
+        if short.any():
+            indices[short] = _ranked(search, query[short], width, len(gallery))
     if exclude_self:
         own = indices == np.arange(len(query))[:, None]
         own[~own.any(axis=1), -1] = True  # not in the list: the list is one longer than needed
         indices = indices[~own].reshape(len(query), k)
     return indices
+
+
+def ranked_by_index(index: faiss.Index, query: np.ndarray, width: int, metric: str) -> np.ndarray:
+    """The first `width` candidates per query that a built FAISS index finds, in (score,
+    gallery index) order as exact search ranks them; -1 where it found fewer."""
+    sign = 1.0 if metric == "cosine" else -1.0
+
+    def search(rows: np.ndarray, n: int):
+        scores, indices = index.search(rows, n)
+        scores = scores * sign
+        scores[indices < 0] = np.nan  # nothing found there: no score, never part of a tie
+        return scores, indices
+
+    return _ranked(search, query, width, index.ntotal)
 
 
 def _ranked(search, query: np.ndarray, width: int, gallery_size: int) -> np.ndarray:

@@ -7,14 +7,23 @@ submission, so it is reported, not retried. With no url, the ranking is scored h
 known test labels by the same rules as `clipcore.scorer`, so the number is the one a server
 with those labels would give.
 
-Nothing is lost on a failure: results files are only read, the CSV and metrics are rewritten
-(atomically) after every epoch, and the epochs that failed are named at the end.
+Nothing is lost: every answer a server gives (or the failure to get one) is appended to a history
+file that is never rewritten; results the same server already scored for the same group are not
+posted again unless `submit.force` is set (a real server may count every post). The CSV and
+metrics describe the current results files and are rewritten (atomically) after every epoch;
+the epochs that failed are named at the end.
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
+import hashlib
+import io
 import json
 import os
 import re
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,6 +43,9 @@ from clipcore.scorer import COMPETITION_TOP_K, GroundTruth, InvalidSubmission, s
 GROUPNAME_VARIABLE = "CLIPCORE_GROUPNAME"
 LOCAL = "local"
 CSV_COLUMNS = ["epoch", "accuracy", "source", "status", "submitted_at", "attempts"]
+REUSED = "ok (earlier answer, not posted again; submit.force posts it)"
+HISTORY_COLUMNS = ["submitted_at", "epoch", "accuracy", "source", "groupname", "status",
+                   "attempts", "ranking_sha256"]
 RESULTS_PATTERN = "retrieval_results_epoch_*.json"
 MESSAGE_CHARS = 200  # how much of a server's error text a status keeps
 
@@ -52,9 +64,11 @@ class SubmitFailed(ClipcoreError):
 class Outcome:
     epoch: int
     accuracy: float | None  # None: failed, or not scored (no labels and no server)
-    status: str             # "ok", "not scored: ..." or the error
+    status: str             # "ok", REUSED, "not scored: ..." or the error
     attempts: int           # HTTP requests made (0 when scored locally)
     failed: bool
+    submitted_at: str = ""     # ISO time, UTC
+    ranking_sha256: str = ""   # of the ranking as sent (the results file cut to ten names)
 
 
 def group_name(configured: str, environ: Mapping[str, str] = os.environ) -> str:
@@ -70,9 +84,9 @@ def post_ranking(url: str, groupname: str, ranking: dict, timeout: float, retrie
     body = {"groupname": groupname, "images": ranking}
     for attempt in range(1, retries + 2):
         try:
-            response = requests.post(url, json=body, timeout=timeout)
+            response = _post_within(url, body, timeout)
         except requests.Timeout:
-            problem = f"no answer from {url} within {timeout:g} s"
+            problem = f"no complete answer from {url} within {timeout:g} s"
         except requests.ConnectionError as exc:
             problem = f"cannot connect to {url} ({_reason(exc)})"
         except requests.RequestException as exc:  # a bad url, say: retrying will not help
@@ -89,6 +103,29 @@ def post_ranking(url: str, groupname: str, ranking: dict, timeout: float, retrie
             print(f"  {problem}; retry {attempt} of {retries} in {delay:g} s", flush=True)
             time.sleep(delay)
     raise SubmitFailed(f"{problem} (gave up after {attempt} attempts)", attempt)
+
+
+def _post_within(url: str, body: dict, timeout: float) -> requests.Response:
+    """requests.post with `timeout` bounding the whole request. requests' own timeout bounds
+    each socket read, so a server sending a byte now and then could hold a request for ever.
+    The request runs in a daemon thread that is left behind (to finish or time out on its
+    own) when the deadline passes."""
+    done: dict = {}
+
+    def send() -> None:
+        try:
+            done["response"] = requests.post(url, json=body, timeout=timeout)
+        except Exception as exc:  # handed to the caller's thread
+            done["error"] = exc
+
+    worker = threading.Thread(target=send, name="submit-post", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise requests.Timeout(f"no complete answer within {timeout:g} s")
+    if "error" in done:
+        raise done["error"]
+    return done["response"]
 
 
 def _accuracy(response: requests.Response, attempt: int) -> float:
@@ -137,23 +174,33 @@ def local_labels(prepared: Path) -> GroundTruth | None:
 
 
 def submit_all(submit: SubmitParams, results: Path, prepared: Path, csv_path: Path,
-               metrics_path: Path, environ: Mapping[str, str] = os.environ) -> list[Outcome]:
-    """Submit or score every epoch's results file in epoch order, writing the CSV and metrics
-    after each; ClipcoreError at the end naming the epochs that failed."""
+               metrics_path: Path, history_path: Path,
+               environ: Mapping[str, str] = os.environ) -> list[Outcome]:
+    """Submit or score every epoch's results file in epoch order, appending each server answer
+    to the history and writing the CSV and metrics after each epoch; ClipcoreError at the end
+    naming the epochs that failed."""
     try:
         files = epoch_files(results, RESULTS_PATTERN)
     except ValueError as exc:  # a stray file such as retrieval_results_epoch_best.json
         raise ClipcoreError(str(exc)) from None
     if not files:
         raise ClipcoreError(f"{results}: no {RESULTS_PATTERN} files (run `dvc repro retrieve`)")
-    source, scorer = _scorer(submit, prepared, environ)
+    source, groupname, scorer = _scorer(submit, prepared, environ)
+    append_history(history_path, [])  # an output DVC expects, even when no server is asked
+    # Answers this server already gave this group, by the digest of the ranking sent.
+    earlier = {} if source == LOCAL or submit.force else {
+        entry["ranking_sha256"]: entry for entry in read_history(history_path)
+        if entry.get("status") == "ok" and entry.get("source") == source
+        and entry.get("groupname") == groupname}
     outcomes, rows = [], []
     for path in files:
-        outcome = _submit_one(path, scorer)
+        outcome = _submit_one(path, scorer, earlier)
+        if outcome.attempts and outcome.status != REUSED:  # the server was asked just now
+            append_history(history_path, [{"source": source, "groupname": groupname,
+                                           **dataclasses.asdict(outcome)}])
         outcomes.append(outcome)
         rows.append({"epoch": outcome.epoch, "accuracy": outcome.accuracy, "source": source,
-                     "status": outcome.status,
-                     "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "status": outcome.status, "submitted_at": outcome.submitted_at,
                      "attempts": outcome.attempts})
         write_text_atomic(csv_path, pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(
             index=False, lineterminator="\n"))
@@ -167,8 +214,9 @@ def submit_all(submit: SubmitParams, results: Path, prepared: Path, csv_path: Pa
 
 
 def _scorer(submit: SubmitParams, prepared: Path,
-            environ: Mapping[str, str]) -> tuple[str, Scorer | None]:
-    """(source, scorer) for the params: the server at submit.url, or the local test labels."""
+            environ: Mapping[str, str]) -> tuple[str, str, Scorer | None]:
+    """(source, group name, scorer) for the params: the server at submit.url, or the local test
+    labels."""
     if submit.url:
         if not submit.url.startswith(("http://", "https://")):
             raise ClipcoreError(f"params: 'submit.url' must start with http:// or https://, "
@@ -177,36 +225,101 @@ def _scorer(submit: SubmitParams, prepared: Path,
         if not groupname:
             raise ClipcoreError(f"params: 'submit.groupname' is empty and {GROUPNAME_VARIABLE} "
                                 f"is not set; the server at {submit.url} needs a group name")
-        return submit.url, lambda ranking: post_ranking(
+        return submit.url, groupname, lambda ranking: post_ranking(
             submit.url, groupname, ranking, submit.timeout, submit.retries, submit.backoff)
     labels = local_labels(prepared)
     if labels is None:
         print(f"test labels unknown in {prepared} and submit.url is empty: writing rows without "
               f"accuracy (set submit.url to score on the server)", flush=True)
-        return LOCAL, None
-    return LOCAL, lambda ranking: (score_ranking(ranking, labels), 0)
+        return LOCAL, "", None
+    return LOCAL, "", lambda ranking: (score_ranking(ranking, labels), 0)
 
 
-def _submit_one(path: Path, scorer: Scorer | None) -> Outcome:
-    epoch = epoch_of(path)
+def _submit_one(path: Path, scorer: Scorer | None, earlier: dict[str, dict]) -> Outcome:
+    """One epoch's outcome: the earlier answer to the same ranking, else a new one."""
+    epoch, now = epoch_of(path), _now()
     try:
         # retrieve.top_k may exceed what the competition takes: it scores the first ten.
         ranking = {query: names[:COMPETITION_TOP_K] for query, names in read_ranking(path).items()}
+        digest = ranking_digest(ranking)
+        if digest in earlier:
+            answer = earlier[digest]
+            return Outcome(epoch, answer["accuracy"], REUSED, answer["attempts"], failed=False,
+                           submitted_at=answer["submitted_at"], ranking_sha256=digest)
         if scorer is None:
-            return Outcome(epoch, None, "not scored: test labels unknown", 0, failed=False)
+            return Outcome(epoch, None, "not scored: test labels unknown", 0, False, now, digest)
         accuracy, attempts = scorer(ranking)
     except SubmitFailed as exc:
-        return Outcome(epoch, None, str(exc), exc.attempts, failed=True)
+        return Outcome(epoch, None, str(exc), exc.attempts, True, now, digest)
     except InvalidSubmission as exc:  # what the scorer would answer with a 400
-        return Outcome(epoch, None, f"local scoring refused {path}: {exc}", 0, failed=True)
+        return Outcome(epoch, None, f"local scoring refused {path}: {exc}", 0, True, now, digest)
     except ClipcoreError as exc:
-        return Outcome(epoch, None, str(exc), 0, failed=True)
-    return Outcome(epoch, accuracy, "ok", attempts, failed=False)
+        return Outcome(epoch, None, str(exc), 0, failed=True, submitted_at=now)
+    return Outcome(epoch, accuracy, "ok", attempts, False, now, digest)
+
+
+def ranking_digest(ranking: dict) -> str:
+    """sha256 of a ranking, whatever the order of its queries."""
+    text = json.dumps(ranking, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_history(path: Path) -> list[dict]:
+    """Every entry of a submission history, typed; a row cut short by a crash is skipped with
+    a warning."""
+    if not Path(path).is_file():
+        return []
+    entries = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            try:
+                if None in row or None in row.values():  # too many or too few fields
+                    raise ValueError
+                entries.append({**row, "epoch": int(row["epoch"]),
+                                "accuracy": float(row["accuracy"]) if row["accuracy"] else None,
+                                "attempts": int(row["attempts"])})
+            except ValueError:
+                print(f"warning: {path}: line {reader.line_num} is not a history entry, "
+                      f"ignored", file=sys.stderr)
+    return entries
+
+
+def append_history(path: Path, entries: list[dict]) -> None:
+    """Add rows to the history (the header first when it is new), never rewriting what is
+    there; on disk before returning."""
+    path = Path(path)
+    lines = io.StringIO()
+    writer = csv.writer(lines, lineterminator="\n")
+    for entry in entries:
+        writer.writerow(["" if entry[c] is None else entry[c] for c in HISTORY_COLUMNS])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as f:  # writes go to the end, whatever the position
+            size = f.seek(0, os.SEEK_END)
+            if not size:
+                f.write((",".join(HISTORY_COLUMNS) + "\n").encode("utf-8"))
+            else:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":  # a row cut short by a crash
+                    f.write(b"\n")
+            f.write(lines.getvalue().encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise ClipcoreError(f"{path}: cannot append ({exc.strerror or exc})") from None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _summary(outcome: Outcome, source: str) -> str:
     if outcome.accuracy is None:
         return outcome.status
+    if outcome.status == REUSED:
+        return (f"accuracy {outcome.accuracy:.2f} ({source} answered {outcome.submitted_at}; "
+                f"same ranking, not posted again)")
     retried = f", {outcome.attempts} attempts" if outcome.attempts > 1 else ""
     return f"accuracy {outcome.accuracy:.2f} ({source}{retried})"
 

@@ -10,6 +10,7 @@ the stored features, so epoch 2 onwards costs a small fraction of epoch 1.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -24,26 +25,27 @@ import numpy as np
 import pandas as pd
 import torch
 from dvclive import Live
-from torch.utils.data import BatchSampler, RandomSampler
 from tqdm import tqdm
 
-from clipcore import paths
+from clipcore import distributed, paths
 from clipcore.checkpoint import load_file, save_atomic, save_model
 from clipcore.errors import ClipcoreError
-from clipcore.features import autocast, backbone_features, image_loader, resolve_device
+from clipcore.features import autocast, backbone_features, image_loader
 from clipcore.files import write_text_atomic
 from clipcore.loss import RetrievalClipLoss, TextTargets
 from clipcore.manifests import read_manifest
-from clipcore.measures import retrieval_metrics
 from clipcore.model import build_model
 from clipcore.params import Params, TrainParams
 from clipcore.resume import (TRAIN_FORMAT, check_compatible, newest_checkpoint, restore_rng,
-                             rng_state)
-from clipcore.search import top_k
+                             rng_state, run_settings)
+from clipcore.sampling import make_batches
+from clipcore.validation import validation_metrics
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "top1", "top5", "top10", "score",
-                  "precision_at_k", "map_at_k", "lr", "seconds", "images_per_s")
-RETRIEVAL_COLUMNS = ("top1", "top5", "top10", "score", "precision_at_k", "map_at_k")
+                  "precision_at_k", "map_at_k", "val_queries", "val_unmatched", "lr", "seconds",
+                  "images_per_s")
+VALIDATION_COLUMNS = ("top1", "top5", "top10", "score", "precision_at_k", "map_at_k",
+                      "val_queries", "val_unmatched")
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-6  # CLIP's; the defaults are unstable for it
 
 
@@ -60,10 +62,13 @@ def train(params: Params, data_root: Path, prepared: Path = paths.PREPARED,
     trainer = Trainer(params, Path(data_root), Path(prepared))
     history = trainer.resume() if params.train.resume else None
     if history is None:
-        _remove_epoch_files()
+        if trainer.world.is_main:
+            _remove_epoch_files()
         history = [trainer.evaluate(epoch=0, started=time.perf_counter())]
         trainer.save(0, history)
-    with Live(str(paths.TRAIN_LIVE), dvcyaml=False, save_dvc_exp=False) as live:
+    # dvclive from rank 0 only: the other processes hold the same rows.
+    with (Live(str(paths.TRAIN_LIVE), dvcyaml=False, save_dvc_exp=False)
+          if trainer.world.is_main else contextlib.nullcontext()) as live:
         # A fresh Live replays the rows so far: DVC clears this folder before the stage runs.
         for row in history:
             _log(live, row)
@@ -82,7 +87,8 @@ class Trainer:
 
     def __init__(self, params: Params, data_root: Path, prepared: Path):
         self.params = params
-        self.device = resolve_device(params.train.device)
+        self.world = distributed.join(params.train.device)  # one process: the plain path
+        self.device = self.world.device
         _seed_everything(params.seed)
         classes, captions, self.train_split, self.val_split = _load_splits(
             data_root, prepared, self.device)
@@ -94,17 +100,13 @@ class Trainer:
                                    learnable=params.loss.text_targets == "learnable")
         self.targets.to(self.device)
         self.loss = RetrievalClipLoss(params.loss.same_class_positives)
-        # What a checkpoint must share with this run to continue it (shapes and meaning).
-        self.signature = {"model.name": params.model.name,
-                          "model.pretrained": params.model.pretrained,
-                          "model.embed_dim": params.model.embed_dim,
-                          "train.freeze_backbone": self.frozen,
-                          "loss.text_targets": params.loss.text_targets, "classes": classes}
+        # What a checkpoint must share with this run to continue it: every outcome-shaping
+        # setting, the data split and the classes.
+        self.signature = {**run_settings(params, prepared), "classes": classes}
         self.generator = torch.Generator().manual_seed(params.seed)
-        n_train, batch_size = len(self.train_split.paths), params.train.batch_size
-        # Drop a short last batch (a contrastive batch of one learns nothing), unless it's all.
-        self.batches = BatchSampler(RandomSampler(range(n_train), generator=self.generator),
-                                    batch_size, drop_last=n_train > batch_size)
+        # Every process draws the same global batches and takes its share of each.
+        self.batches = self.world.shard_batches(
+            make_batches(self.train_split.labels.tolist(), params.train, self.generator))
         self.optimizer = make_optimizer(self.model, self.targets, params.train)
         self.scheduler = cosine_with_warmup(
             self.optimizer, total_steps=len(self.batches) * params.train.epochs,
@@ -113,11 +115,28 @@ class Trainer:
         self.val_order = torch.randperm(len(self.val_split.paths),
                                         generator=torch.Generator().manual_seed(params.seed))
         self.feature_cache: dict[str, torch.Tensor] = {}
+        self._start_from_base_features(captions, params)
+
+    def _start_from_base_features(self, captions: list[str], params: Params) -> None:
+        """Standardise the head's input and place the class targets, from the base model's
+        features of the training images (stored anyway when frozen; one pass when not)."""
+        if not (params.train.standardize_features or params.loss.target_init == "class_mean"):
+            return
+        features = (self.features("train", self.train_split) if self.frozen
+                    else self._backbone_features(self.train_split, "base train features"))
+        if params.train.standardize_features:
+            self.model.head.set_feature_stats(features)
+        if params.loss.target_init == "class_mean":
+            with torch.no_grad():
+                self.model.eval()
+                embeddings = self.model.embed_features(features).float()
+            self.targets.start_at_class_means(embeddings, self.train_split.labels)
 
     def train_epoch(self, epoch: int) -> dict:
         started = time.perf_counter()
         train = self.params.train
         self.model.train()
+        self.world.seed_epoch(self.params.seed, epoch)
         if self.frozen:
             features = self.features("train", self.train_split)
             batches = ((features[index], index)
@@ -137,19 +156,22 @@ class Trainer:
                     inputs = inputs.to(self.device, non_blocking=True)
                     embeddings = (self.model.embed_features(inputs) if self.frozen
                                   else self.model(inputs))
-                loss = self.loss(embeddings.float(), self.targets(labels), labels,
-                                 self.model.clip.logit_scale)
+                embeddings, labels, rows = self.world.gather_batch(embeddings.float(), labels)
+                loss = self.loss(embeddings, self.targets(labels), labels,
+                                 self.model.clip.logit_scale, rows=rows)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self.world.sum_gradients(trainable)
                 torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip_norm)
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
                 self.scheduler.step()
                 self.model.clamp_logit_scale()
-                total_loss += loss.item() * len(labels)
+                batch_loss = self.world.sum(loss)  # each process's share: the batch's loss
+                total_loss += batch_loss * len(labels)
                 seen += len(labels)
                 bar.update(len(labels))
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                bar.set_postfix(loss=f"{batch_loss:.4f}", refresh=False)
         images_per_s = seen / (time.perf_counter() - started)
         row = self.evaluate(epoch, started)
         row.update(train_loss=total_loss / seen, lr=lr, images_per_s=images_per_s)
@@ -157,21 +179,29 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, epoch: int, started: float) -> dict:
-        """val_loss and retrieval among the val images (each val image a query for the others)."""
+        """val_loss, and retrieval with each val image as a query (clipcore.validation)."""
         row = dict.fromkeys(METRIC_COLUMNS, float("nan"))
         row["epoch"] = epoch
-        if len(self.val_split.paths) >= 2:
+        if len(self.val_split.paths):
             self.model.eval()
-            features = (self.features("val", self.val_split) if self.frozen
-                        else self._backbone_features(self.val_split, "val features"))
-            embeddings = self.model.embed_features(features).float()
+            embeddings = self._embed("val", self.val_split)
             labels = self.val_split.labels
             row["val_loss"] = self._val_loss(embeddings, labels)
-            measures = validation_metrics(embeddings.cpu().numpy(), labels.cpu().numpy(),
-                                          self.params.train.val_top_k)
-            row.update({key: float(measures[key]) for key in RETRIEVAL_COLUMNS})
+            # Training images join the gallery only when they share classes with val.
+            shared = torch.isin(labels, self.train_split.labels).any()
+            train = self._embed("train", self.train_split) if shared else None
+            measures = validation_metrics(
+                embeddings.cpu().numpy(), labels.cpu().numpy(), self.params.train.val_top_k,
+                None if train is None else train.cpu().numpy(), self.train_split.labels.cpu().numpy())
+            row.update({key: float(measures[key]) for key in VALIDATION_COLUMNS
+                        if key in measures})
         row["seconds"] = time.perf_counter() - started
         return row
+
+    def _embed(self, name: str, split: Split) -> torch.Tensor:
+        features = (self.features(name, split) if self.frozen
+                    else self._backbone_features(split, f"{name} features"))
+        return self.model.embed_features(features).float()
 
     def _val_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> float:
         total = 0.0
@@ -188,8 +218,11 @@ class Trainer:
         return self.feature_cache[name]
 
     def _backbone_features(self, split: Split, desc: str) -> torch.Tensor:
-        return backbone_features(self.model, split.paths, batch_size=self.params.train.batch_size,
-                                 num_workers=self.params.train.num_workers, desc=desc)
+        # Each process computes its share of the images; every process gets them all.
+        local = backbone_features(self.model, self.world.shard(split.paths),
+                                  batch_size=self.params.train.batch_size,
+                                  num_workers=self.params.train.num_workers, desc=desc)
+        return self.world.gather_shards(local, len(split.paths))
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The model tensors training changes (never the frozen base weights)."""
@@ -199,7 +232,10 @@ class Trainer:
         return {name: tensor.detach().cpu() for name, tensor in state.items()}
 
     def save(self, epoch: int, history: list[dict]) -> None:
-        """model_epoch_X.pt, weights_epoch_X.pth (X >= 1) and the metrics CSV for this epoch."""
+        """model_epoch_X.pt, weights_epoch_X.pth (X >= 1) and the metrics CSV for this epoch
+        (rank 0 writes; the other processes hold the same weights)."""
+        if not self.world.is_main:
+            return
         save_model(self.model, paths.model_path(epoch),
                    backbone_trained=epoch > 0 and not self.frozen, epoch=epoch)
         if epoch > 0:
@@ -210,7 +246,9 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(self.generator), "history": history,
+                "epochs": self.params.train.epochs,
             }, paths.checkpoint_path(epoch))
+            _prune_checkpoints(keep=self.params.train.keep_checkpoints)
         write_metrics_csv(history, paths.TRAINING_METRICS_CSV)
 
     def resume(self) -> list[dict] | None:
@@ -224,8 +262,13 @@ class Trainer:
         if epoch > self.params.train.epochs:
             raise ClipcoreError(f"{path}: training reached epoch {epoch} but train.epochs is "
                                 f"{self.params.train.epochs}; raise it or set train.resume false")
-        _remove_epoch_files(after=epoch)
-        self._restore_model_files(epoch, checkpoint["state"])
+        if checkpoint["epochs"] != self.params.train.epochs:
+            print(f"train.epochs changed from {checkpoint['epochs']} to "
+                  f"{self.params.train.epochs}: the warmup and cosine schedule continues as that "
+                  f"of a {self.params.train.epochs}-epoch run (README, Resuming)")
+        if self.world.is_main:  # rank 0 alone touches files
+            _remove_epoch_files(after=epoch)
+            self._restore_model_files(epoch, checkpoint["state"])
         self.model.load_state_dict(checkpoint["state"], strict=False)
         self.targets.load_state_dict(checkpoint["text_targets"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -233,7 +276,8 @@ class Trainer:
         restore_rng(checkpoint["rng"], self.generator)
         print(f"resuming after epoch {epoch} from {path}")
         history = checkpoint["history"]
-        write_metrics_csv(history, paths.TRAINING_METRICS_CSV)
+        if self.world.is_main:
+            write_metrics_csv(history, paths.TRAINING_METRICS_CSV)
         return history
 
     def _restore_model_files(self, upto: int, upto_state: dict[str, torch.Tensor]) -> None:
@@ -289,16 +333,6 @@ def cosine_with_warmup(optimizer, total_steps: int, warmup_fraction: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def validation_metrics(embeddings: np.ndarray, labels: np.ndarray, k: int) -> dict:
-    """Measures of each val image as a query against the other val images."""
-    ranks = min(max(k, 10), len(labels) - 1)  # top-10 feeds the score even when k is smaller
-    indices = top_k(embeddings, embeddings, ranks, metric="cosine", exclude_self=True)
-    classes, counts = np.unique(labels, return_counts=True)
-    # A query's relevant images are the others of its class: it can't retrieve itself.
-    others = counts[np.searchsorted(classes, labels)] - 1
-    return retrieval_metrics(labels, labels[indices], n_relevant=others, k=k)
-
-
 def write_metrics_csv(history: list[dict], path: Path) -> None:
     table = io.StringIO(newline="")
     writer = csv.writer(table)
@@ -308,7 +342,9 @@ def write_metrics_csv(history: list[dict], path: Path) -> None:
     write_text_atomic(path, table.getvalue())
 
 
-def _log(live: Live, row: dict) -> None:
+def _log(live: Live | None, row: dict) -> None:
+    if live is None:  # not rank 0
+        return
     for name in METRIC_COLUMNS[1:]:
         if not _missing(row[name]):  # epoch 0 has no train_loss; no val set, no val metrics
             live.log_metric(name, float(row[name]))
@@ -320,12 +356,22 @@ def _missing(value) -> bool:
 
 
 def _remove_epoch_files(after: int = -1) -> None:
-    """Model files and checkpoints of epochs > after: stale outputs of an earlier run."""
+    """Model files and checkpoints of epochs > after: stale outputs of an earlier run (on
+    resume: the epochs after the checkpoint, a damaged one included, which train again)."""
     for folder, pattern in ((paths.ALL_WEIGHTS, "model_epoch_*.pt"),
                             (paths.CHECKPOINTS, "weights_epoch_*.pth")):
         for path in paths.epoch_files(folder, pattern):
             if paths.epoch_of(path) > after:
+                if after >= 0:
+                    print(f"removing {path}: epoch {paths.epoch_of(path)} trains again")
                 path.unlink()
+
+
+def _prune_checkpoints(keep: int) -> None:
+    """Keep the newest `keep` checkpoints (0: all); model files stay, they feed embed."""
+    if keep:
+        for path in paths.epoch_files(paths.CHECKPOINTS, "weights_epoch_*.pth")[:-keep]:
+            path.unlink()
 
 
 def _seed_everything(seed: int) -> None:

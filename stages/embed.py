@@ -1,7 +1,7 @@
 """Embed the query and gallery images with every epoch's model file."""
 from pathlib import Path
 
-from clipcore import paths
+from clipcore import distributed, paths
 from clipcore.embedding import embed_all
 from clipcore.params import load_params
 from clipcore.stage import run_stage
@@ -9,6 +9,8 @@ from clipcore.stage import run_stage
 
 def main() -> None:
     params = load_params()
+    if distributed.relaunch(params.train.processes, "stages.embed"):
+        return  # the processes torchrun started did the work
     report = embed_all(params, Path(params.data.root), paths.PREPARED)
     print(f"embedded {report.images['query']} queries and {report.images['gallery']} gallery "
           f"images with {len(report.files)} model files ({report.backbone_passes} backbone "

@@ -8,7 +8,7 @@ from clipcore.submission import submit_all
 def main() -> None:
     params = load_params()
     outcomes = submit_all(params.submit, paths.RESULTS, paths.PREPARED, paths.SUBMISSION_CSV,
-                          paths.SUBMISSION_METRICS)
+                          paths.SUBMISSION_METRICS, paths.SUBMISSION_HISTORY)
     print(f"recorded {len(outcomes)} epochs in {paths.SUBMISSION_CSV}")
 
 

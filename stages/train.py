@@ -2,7 +2,7 @@
 import math
 from pathlib import Path
 
-from clipcore import paths
+from clipcore import distributed, paths
 from clipcore.params import load_params
 from clipcore.stage import run_stage
 from clipcore.training import train
@@ -10,6 +10,8 @@ from clipcore.training import train
 
 def main() -> None:
     params = load_params()
+    if distributed.relaunch(params.train.processes, "stages.train"):
+        return  # the processes torchrun started did the work
     history = train(params, Path(params.data.root), paths.PREPARED)
     first, last = history[0], history[-1]
     mode = "frozen backbone" if params.train.freeze_backbone else "backbone trained"

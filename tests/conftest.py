@@ -1,8 +1,10 @@
-"""Shared fixtures: params from the repo's params.yaml with overrides, and the digits demo
-written and prepared once per test session."""
+"""Shared fixtures: the tests' params (tests/params.yaml, never the workspace params.yaml that
+`dvc exp run -S` rewrites) with overrides, and the digits demo written and prepared once per
+test session."""
 from __future__ import annotations
 
 import copy
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,19 @@ from clipcore.manifests import prepare
 from clipcore.params import Params, parse_params
 
 REPO = Path(__file__).parents[1]
+TEST_PARAMS = Path(__file__).with_name("params.yaml")  # params.yaml's defaults, same keys
 
 
-def repo_params_dict() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+def default_params_dict() -> dict:
+    return yaml.safe_load(TEST_PARAMS.read_text())
+
+
+def write_params(folder: Path, overrides: dict | None = None) -> Path:
+    """folder/params.yaml holding the tests' params with dotted-key overrides (for stage runs)."""
+    path = Path(folder) / "params.yaml"
+    path.write_text(yaml.safe_dump(with_overrides(default_params_dict(), overrides),
+                                   sort_keys=False))
+    return path
 
 
 def with_overrides(raw: dict, overrides: dict | None) -> dict:
@@ -39,8 +50,8 @@ def no_proxy_for_loopback(monkeypatch):
 
 @pytest.fixture(scope="session")
 def params_factory():
-    """make(overrides) -> Params: the repo's params.yaml with dotted-key overrides."""
-    raw = repo_params_dict()
+    """make(overrides) -> Params: the tests' params with dotted-key overrides."""
+    raw = default_params_dict()
 
     def make(overrides: dict | None = None) -> Params:
         return parse_params(with_overrides(raw, overrides))
@@ -61,3 +72,16 @@ def prepared_demo(demo_root, tmp_path_factory, params_factory) -> tuple[Path, Pa
     prepared = tmp_path_factory.mktemp("prepared")
     prepare(demo_root, prepared, params.data, params.seed)
     return demo_root, prepared
+
+
+def flip_bit(path: Path, entry: str = "data/0", at: int = 100) -> None:
+    """Flip one bit inside a stored entry of a torch zip archive, as a failing disk or a bad
+    copy does: the archive still opens and torch.load would read a changed tensor."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(entry))
+    data = bytearray(path.read_bytes())
+    header = info.header_offset
+    name_length = int.from_bytes(data[header + 26:header + 28], "little")
+    extra_length = int.from_bytes(data[header + 28:header + 30], "little")
+    data[header + 30 + name_length + extra_length + at] ^= 1
+    path.write_bytes(bytes(data))

@@ -8,11 +8,12 @@ import signal
 import pytest
 import torch
 
-from clipcore.checkpoint import (inference_state, load_file, load_model, load_model_params,
-                                 save_atomic, save_model)
+from clipcore.checkpoint import (DamagedFile, inference_state, load_file, load_model,
+                                 load_model_params, save_atomic, save_model)
 from clipcore.errors import ClipcoreError
 from clipcore.model import build_model
 from clipcore.params import ModelParams
+from conftest import flip_bit
 
 TINY = ModelParams(name="tiny", pretrained="none", embed_dim=512, dropout=0.1)
 
@@ -27,7 +28,7 @@ def trained(params: ModelParams = TINY, backbone: bool = False):
     model = build_model(params)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        model.head[1].weight.add_(0.05 * torch.randn(model.head[1].weight.shape, generator=generator))
+        model.head.linear.weight.add_(0.05 * torch.randn(model.head.linear.weight.shape, generator=generator))
         if backbone:
             model.clip.visual.conv1.weight.mul_(1.5)
     return model.eval()
@@ -60,7 +61,7 @@ def test_frozen_run_file_holds_the_head_only(tmp_path):
     save_model(model, unfrozen_path, backbone_trained=True, epoch=1)
 
     frozen_keys = set(load_file(frozen_path)["state"])
-    assert frozen_keys == {"head.1.weight", "head.1.bias"}
+    assert frozen_keys == {"head.linear.weight", "head.linear.bias", "head.mean", "head.std"}
     assert set(load_file(unfrozen_path)["state"]) == frozen_keys | set(model.backbone_state())
     head_bytes = sum(t.numel() * t.element_size() for t in model.head_state().values())
     visual_bytes = sum(t.numel() * t.element_size() for t in model.backbone_state().values())
@@ -128,6 +129,21 @@ def test_bad_files_are_refused_with_one_line(tmp_path):
     assert load_file(training_checkpoint)["epoch"] == 1
     with pytest.raises(ClipcoreError, match="not a clipcore model file"):
         load_model(training_checkpoint)
+
+
+def test_a_flipped_bit_is_caught_not_loaded(tmp_path):
+    """torch.load does not check the zip CRC: unchecked, this file loads a changed head."""
+    path = tmp_path / "model_epoch_1.pt"
+    save_model(trained(), path, backbone_trained=False, epoch=1)
+    intact = path.read_bytes()
+    flip_bit(path, "data/0")
+    with pytest.raises(DamagedFile) as error:
+        load_model(path)
+    assert str(error.value) == (f"{path}: damaged: CRC-32 check failed for "
+                                f"archive/data/0 (changed bits)")
+    path.write_bytes(intact[:-100])  # cut short, as by a full disk
+    with pytest.raises(DamagedFile, match=r"model_epoch_1\.pt: damaged: truncated"):
+        load_file(path)
 
 
 def test_failed_serialisation_leaves_the_old_file(tmp_path):

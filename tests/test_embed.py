@@ -21,6 +21,7 @@ from clipcore.images import load_rgb
 from clipcore.manifests import read_manifest
 from clipcore.model import FineTunedCLIP, build_model
 from clipcore.training import train
+from conftest import write_params
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"model.name": "tiny", "model.pretrained": "none", "train.num_workers": 0,
@@ -138,7 +139,7 @@ def test_cuda_without_a_gpu_names_the_param(tmp_path, params_factory, prepared_d
 
 
 def test_stage_without_model_files_fails_in_one_line(tmp_path):
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    write_params(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "stages.embed"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)

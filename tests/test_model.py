@@ -83,10 +83,19 @@ def test_identity_head_gives_zero_shot_clip_embeddings(model, images):
         assert torch.equal(model.backbone_features(images), model.clip.encode_image(images))
 
 
+def test_untrained_head_stays_the_identity_once_standardising(images):
+    built = build_model(TINY).eval()
+    with torch.no_grad():
+        features = built.backbone_features(images)
+        built.head.set_feature_stats(features)
+        assert torch.equal(built.embed_features(features), F.normalize(features, dim=-1))
+        assert torch.allclose(((features - built.head.mean) / built.head.std).std(0, correction=0),
+                              torch.ones(features.shape[1]), atol=1e-3)
+
+
 def test_wider_head_pads_with_zeros(model, images):
     wide = build_model(tiny(embed_dim=640)).eval()
-    weight = wide.head[1].weight
-    assert torch.equal(weight[:512], torch.eye(512)) and not weight[512:].any()
+    assert not wide.head.linear.weight.any() and not wide.head.linear.bias.any()
     with torch.no_grad():
         embedded = wide(images)
         expected = F.normalize(model.eval().clip.encode_image(images), dim=-1)
@@ -115,13 +124,13 @@ def test_caption_embeddings_share_the_image_space(model):
 def test_frozen_backbone_stays_in_eval_mode_while_the_head_trains():
     built = build_model(TINY).train()
     trainable = {name for name, p in built.named_parameters() if p.requires_grad}
-    assert trainable == {"head.1.weight", "head.1.bias", "clip.logit_scale"}
+    assert trainable == {"head.linear.weight", "head.linear.bias", "clip.logit_scale"}
     assert built.head.training and not built.clip.visual.training and not built.clip.training
 
     built.set_backbone_trainable(True)
     trainable = {name for name, p in built.named_parameters() if p.requires_grad}
     visual = {f"clip.visual.{name}" for name, _ in built.clip.visual.named_parameters()}
-    assert trainable == visual | {"head.1.weight", "head.1.bias", "clip.logit_scale"}
+    assert trainable == visual | {"head.linear.weight", "head.linear.bias", "clip.logit_scale"}
     assert built.clip.visual.training and not built.clip.transformer.training
     assert not built.clip.token_embedding.weight.requires_grad
 

@@ -3,6 +3,7 @@ with a broken params.yaml stops before writing anything."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -10,13 +11,34 @@ import pytest
 import yaml
 
 from clipcore.params import ParamsError, load_params, parse_params
-from conftest import REPO, repo_params_dict, with_overrides
+from conftest import REPO, default_params_dict, with_overrides
 
 
-def test_repo_params_load():
+def key_paths(raw: dict, prefix: str = "") -> set[str]:
+    return {path for key, value in raw.items() for path in (
+        key_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key})}
+
+
+def test_repo_params_load_and_the_tests_params_have_its_keys():
+    """The tests use tests/params.yaml, not the workspace file that `dvc exp run -S` rewrites;
+    its values may differ, its keys may not."""
     params = load_params(REPO / "params.yaml")
     assert params.data.val_split in ("image", "class")
-    assert params.retrieve.top_k == repo_params_dict()["retrieve"]["top_k"]
+    workspace = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert key_paths(default_params_dict()) == key_paths(workspace), \
+        "tests/params.yaml and params.yaml must hold the same keys"
+
+
+def test_a_float_written_without_a_dot_is_a_number(tmp_path):
+    """PyYAML reads `lr: 1e-3` as the string "1e-3" (YAML 1.1 wants 1.0e-3); it means 0.001."""
+    text = re.sub(r"(?m)^  lr: .*$", "  lr: 1e-3", yaml.safe_dump(default_params_dict()))
+    assert "\n  lr: 1e-3\n" in text
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml").train.lr == 0.001
+    with pytest.raises(ParamsError, match=r"'train.lr' must be a number, got str 'fast'"):
+        parse_params(with_overrides(default_params_dict(), {"train.lr": "fast"}))
+    with pytest.raises(ParamsError, match=r"'train.epochs' must be an integer, got str '1e1'"):
+        parse_params(with_overrides(default_params_dict(), {"train.epochs": "1e1"}))
 
 
 def test_overrides_reach_the_typed_params(params_factory):
@@ -26,7 +48,7 @@ def test_overrides_reach_the_typed_params(params_factory):
 
 
 def without(dotted: str) -> dict:
-    raw = repo_params_dict()
+    raw = default_params_dict()
     *sections, key = dotted.split(".")
     target = raw
     for section in sections:
@@ -36,19 +58,19 @@ def without(dotted: str) -> dict:
 
 
 @pytest.mark.parametrize("raw, key", [
-    (with_overrides(repo_params_dict(), {"learning_rate": 0.1}), "'learning_rate'"),
-    (with_overrides(repo_params_dict(), {"train.epoch": 3}), "'train.epoch'"),
+    (with_overrides(default_params_dict(), {"learning_rate": 0.1}), "'learning_rate'"),
+    (with_overrides(default_params_dict(), {"train.epoch": 3}), "'train.epoch'"),
     (without("seed"), "'seed'"),
     (without("retrieve.top_k"), "'retrieve.top_k'"),
-    (with_overrides(repo_params_dict(), {"train.epochs": "5"}), "'train.epochs'"),
-    (with_overrides(repo_params_dict(), {"train.augment": 1}), "'train.augment'"),
-    (with_overrides(repo_params_dict(), {"retrieve.top_k": True}), "'retrieve.top_k'"),
-    (with_overrides(repo_params_dict(), {"train.epochs": -1}), "'train.epochs'"),
-    (with_overrides(repo_params_dict(), {"data.val_fraction": 1.0}), "'data.val_fraction'"),
-    (with_overrides(repo_params_dict(), {"data.val_split": "folder"}), "'data.val_split'"),
-    (with_overrides(repo_params_dict(), {"retrieve.metric": "dot"}), "'retrieve.metric'"),
-    (with_overrides(repo_params_dict(), {"train": [1, 2]}), "train must be a mapping"),
-    (with_overrides(repo_params_dict(), {"data.caption_template": "a photo"}),
+    (with_overrides(default_params_dict(), {"train.epochs": "5"}), "'train.epochs'"),
+    (with_overrides(default_params_dict(), {"train.augment": 1}), "'train.augment'"),
+    (with_overrides(default_params_dict(), {"retrieve.top_k": True}), "'retrieve.top_k'"),
+    (with_overrides(default_params_dict(), {"train.epochs": -1}), "'train.epochs'"),
+    (with_overrides(default_params_dict(), {"data.val_fraction": 1.0}), "'data.val_fraction'"),
+    (with_overrides(default_params_dict(), {"data.val_split": "folder"}), "'data.val_split'"),
+    (with_overrides(default_params_dict(), {"retrieve.metric": "dot"}), "'retrieve.metric'"),
+    (with_overrides(default_params_dict(), {"train": [1, 2]}), "train must be a mapping"),
+    (with_overrides(default_params_dict(), {"data.caption_template": "a photo"}),
      "'data.caption_template' must contain {name}"),
 ], ids=["unknown-top", "unknown-nested", "missing-top", "missing-nested", "string-for-int",
         "int-for-bool", "bool-for-int", "negative-epochs", "val-fraction-1", "bad-val-split",
@@ -73,7 +95,7 @@ def test_invalid_yaml_and_missing_file_name_the_file(tmp_path):
 def test_stage_with_bad_params_exits_1_with_one_line_and_writes_nothing(tmp_path):
     for package in ("clipcore", "stages"):
         (tmp_path / package).symlink_to(REPO / package)
-    raw = with_overrides(repo_params_dict(), {"data.val_fraction": 1.5})
+    raw = with_overrides(default_params_dict(), {"data.val_fraction": 1.5})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     done = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path,
                           capture_output=True, text=True,

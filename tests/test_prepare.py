@@ -126,6 +126,18 @@ def test_known_test_labels_reach_the_manifests(tmp_path, data):
     assert list(read_manifest(out, "gallery")["caption"]) == ["", ""]
 
 
+def test_an_unreadable_test_file_without_a_label_is_skipped_not_an_error(tmp_path, data):
+    """Before, a text file in test/query stopped prepare ("lacks labels") when labels exist."""
+    root = make_root(tmp_path, {"cat": 1, "dog": 1})
+    (root / "test/query/notes.txt").write_text("not an image")
+    write_labels(root, [("query", "q0.png", "cat"), ("query", "q1.jpg", "dog"),
+                        ("gallery", "g0.png", "dog"), ("gallery", "g1.png", "cat")])
+    out, report = run(root, data)
+    assert report.labelled and report.skipped == [("test/query/notes.txt",
+                                                   "not an image file suffix (.txt)")]
+    assert labels_by_name(read_manifest(out, "query")) == {"q0.png": "cat", "q1.jpg": "dog"}
+
+
 def test_without_a_labels_file_test_labels_are_unknown(tmp_path, data):
     out, report = run(make_root(tmp_path, {"cat": 1}), data)
     assert not report.labelled

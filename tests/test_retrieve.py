@@ -14,7 +14,10 @@ from PIL import Image
 from clipcore import paths, pictures
 from clipcore.errors import ClipcoreError
 from clipcore.manifests import read_manifest
+from clipcore.embedding import embed_all
 from clipcore.retrieval import retrieve_all
+from clipcore.training import train
+from conftest import write_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -263,6 +266,39 @@ def test_real_prepared_manifests(prepared_demo, tmp_path, monkeypatch, params_fa
         pictures.CAPTION + 2 * pictures.GAP + params.retrieve.picture_queries * pictures.THUMB)
 
 
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_index_on_the_demo_overlaps_exact_search(index, project, params_factory):
+    # Four gallery vectors: IVF has one list and HNSW walks every node: exact answers.
+    run(params_factory, project, index=index)
+    for epoch, expected in RANKINGS.items():
+        assert json.loads(paths.results_path(epoch).read_text()) == expected
+
+
+def test_ivf_and_hnsw_top10_on_the_demo_overlap_exact_by_95_percent(
+        prepared_demo, tmp_path, monkeypatch, params_factory):
+    """Real demo embeddings (tiny model, epoch 0) ranked with the default index knobs."""
+    root, prepared = prepared_demo
+    monkeypatch.chdir(tmp_path)
+    params = params_factory({"model.name": "tiny", "model.pretrained": "none",
+                             "train.epochs": 0, "train.num_workers": 0, "embed.num_workers": 0})
+    train(params, root, prepared)
+    embed_all(params, root, prepared)
+    results = {}
+    for index in ("exact", "ivf", "hnsw"):
+        retrieve = params_factory({"retrieve.index": index}).retrieve
+        retrieve_all(retrieve, root, prepared)
+        results[index] = json.loads(paths.results_path(0).read_text())
+    exact = results.pop("exact")
+    for index, ranking in results.items():
+        shared = [len(set(ranking[q]) & set(names)) / len(names) for q, names in exact.items()]
+        assert list(ranking) == list(exact) and np.mean(shared) >= 0.95, index
+
+
+def test_unknown_index_names_the_param(params_factory):
+    with pytest.raises(ClipcoreError, match=r"'retrieve\.index' must be one of exact, ivf, hnsw"):
+        params_factory({"retrieve.index": "annoy"})
+
+
 def stage(cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "stages.retrieve"], cwd=cwd, env=env,
@@ -270,14 +306,12 @@ def stage(cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_stage_script_runs_and_reports_errors_in_one_line(project, tmp_path):
-    params = (REPO / "params.yaml").read_text()
-    params = params.replace("root: data/demo", f"root: {project}").replace("top_k: 10", "top_k: 3")
-    (tmp_path / "params.yaml").write_text(params)
+    write_params(tmp_path, {"data.root": str(project), "retrieve.top_k": 3})
     done = stage(tmp_path)
     assert done.returncode == 0, done.stderr
     assert "best epoch 1: score 1000.0/1000" in done.stdout
     assert json.loads(paths.results_path(1).read_text()) == RANKINGS[1]
-    (tmp_path / "params.yaml").write_text(params.replace("top_k: 3", "top_k: 9"))
+    write_params(tmp_path, {"data.root": str(project), "retrieve.top_k": 9})
     done = stage(tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")

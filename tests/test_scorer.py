@@ -77,16 +77,18 @@ def _first_query(images: dict, names: list) -> dict:
     (lambda body, g: _without(body, "images"), "images missing"),
     (lambda body, g: {**body, "images": {**body["images"], "stranger.png": g[:10]}},
      "unknown query names: stranger.png"),
-    (lambda body, g: {**body, "images": _first_query(body["images"], g[:9])},
-     "expected exactly 10 gallery names, got 9"),
+    (lambda body, g: {**body, "images": _first_query(body["images"], g[:11])},
+     "expected 1 to 10 gallery names, got 11"),
+    (lambda body, g: {**body, "images": _first_query(body["images"], [])},
+     "expected 1 to 10 gallery names, got 0"),
     (lambda body, g: {**body, "images": _first_query(body["images"], g[:9] + ["nope.png"])},
      "unknown gallery names: nope.png"),
     (lambda body, g: {**body, "images": _first_query(body["images"], g[:9] + g[:1])},
      "gallery names listed twice: {g0}"),
     (lambda body, g: {**body, "images": dict(list(body["images"].items())[1:])},
      "missing 1 of"),
-], ids=["not-json", "not-object", "no-groupname", "no-images", "unknown-query", "nine-names",
-        "unknown-gallery", "duplicate", "missing-query"])
+], ids=["not-json", "not-object", "no-groupname", "no-images", "unknown-query", "eleven-names",
+        "no-names", "unknown-gallery", "duplicate", "missing-query"])
 def test_malformed_submissions_get_400_with_a_plain_text_reason(truth, scorer_url, break_body,
                                                                 reason):
     gallery = sorted(truth.gallery)
@@ -99,6 +101,20 @@ def test_malformed_submissions_get_400_with_a_plain_text_reason(truth, scorer_ur
     assert reason.format(g0=gallery[0]) in answer.text
     with pytest.raises(ValueError):  # like the real server, an error is not JSON
         json.loads(answer.text)
+
+
+def test_shorter_lists_score_what_they_hold(truth, scorer_url):
+    """retrieve.top_k below 10, or one list cut short: a hit can't be beyond a list's end.
+    Before, anything but exactly 10 names was refused."""
+    ranking = random_ranking(truth, seed=2)
+    for i, query in enumerate(ranking):
+        ranking[query] = ranking[query][:[10, 5, 1][i % 3]]
+    hits = {k: np.mean([any(truth.gallery[name] == truth.query[query] for name in names[:k])
+                        for query, names in ranking.items()]) for k in (1, 5, 10)}
+    expected = 600 * hits[1] + 300 * hits[5] + 100 * hits[10]
+    answer = requests.post(scorer_url, json={"groupname": "team", "images": ranking}, timeout=10)
+    assert answer.status_code == 200 and answer.json()["accuracy"] == pytest.approx(expected)
+    assert score_ranking(ranking, truth) == pytest.approx(expected)
 
 
 def test_labels_file_with_wrong_columns_is_named(tmp_path):

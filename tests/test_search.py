@@ -1,10 +1,14 @@
 """Exact top-k search: hand-worked rankings for both metrics, brute-force agreement, ties
-ordered by gallery index (also where a tie crosses the cut), exclude_self and bad input."""
+ordered by gallery index (also where a tie crosses the cut), exclude_self and bad input.
+Approximate search (IVF, HNSW): exact when told to visit everything, valid ranked lists close
+to exact otherwise, the same answer every time, short IVF lists, nlist from the gallery size."""
 import faiss
 import numpy as np
 import pytest
 
+from clipcore import ann
 from clipcore.errors import ClipcoreError
+from clipcore.params import HnswParams, IvfParams
 from clipcore.search import top_k
 
 # One query along x; gallery vectors of different lengths and directions.
@@ -127,3 +131,89 @@ def test_bad_input_is_one_clear_line():
         top_k(QUERY, np.full((3, 2), np.nan), 1)
     with pytest.raises(ClipcoreError, match="2-D array"):
         top_k(np.ones(2), GALLERY, 1)
+
+
+# Approximate indexes (clipcore.ann), built on clustered vectors as embeddings are.
+
+def clustered(rows: int, dim: int = 32, clusters: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    points = centres[rng.integers(0, clusters, rows)] + 0.5 * rng.standard_normal((rows, dim))
+    return points.astype(np.float32)
+
+
+GALLERY_3K, QUERY_3K = clustered(3000), clustered(200, seed=1)
+IVF = IvfParams(nlist=0, nprobe=4)
+HNSW = HnswParams(m=16, ef_construction=40, ef_search=32)
+
+
+def overlap(found: np.ndarray, expected: np.ndarray) -> float:
+    """Mean share of each exact top-k list that the approximate list holds."""
+    return np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, expected)])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_index_that_visits_everything_equals_exact_search(metric):
+    everything = [IvfParams(nlist=0, nprobe=10_000), HnswParams(m=32, ef_construction=200,
+                                                                ef_search=3000)]
+    expected = brute_force(QUERY_3K, GALLERY_3K, 10, metric)
+    for index in everything:
+        assert (top_k(QUERY_3K, GALLERY_3K, 10, metric, index=index) == expected).all()
+
+
+@pytest.mark.parametrize("index", [IVF, HNSW], ids=["ivf", "hnsw"])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_approximate_lists_are_valid_ranked_and_close_to_exact(index, metric):
+    found = top_k(QUERY_3K, GALLERY_3K, 10, metric, index=index)
+    assert found.dtype == np.int64 and found.shape == (200, 10)
+    assert all(len(set(row)) == 10 for row in found) and (found >= 0).all()
+    q = QUERY_3K.astype(np.float64)
+    g = GALLERY_3K.astype(np.float64)[found]
+    if metric == "cosine":
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        g = g / np.linalg.norm(g, axis=2, keepdims=True)
+        scores = (q[:, None, :] * g).sum(-1)
+    else:
+        scores = -((q[:, None, :] - g) ** 2).sum(-1)
+    assert (np.diff(scores, axis=1) <= 1e-5).all()  # best first
+    # IVF visits 4 of 76 lists here, HNSW keeps 32 candidates: they find most, not all.
+    assert 0.7 <= overlap(found, brute_force(QUERY_3K, GALLERY_3K, 10, metric)) < 1.0
+
+
+@pytest.mark.parametrize("index", [IVF, HNSW], ids=["ivf", "hnsw"])
+def test_approximate_search_gives_the_same_answer_every_time(index):
+    first = top_k(QUERY_3K, GALLERY_3K, 10, index=index)
+    again = top_k(QUERY_3K.copy(), GALLERY_3K.copy(), 10, index=index)
+    assert (first == again).all()
+
+
+def test_ivf_lists_too_short_for_k_fall_back_to_exact_search():
+    # Two clusters, 80 vectors near +x and 40 near -x; a query near -x with nprobe 1 visits
+    # only the 40-vector list, fewer than k = 50: that query is searched exactly.
+    rng = np.random.default_rng(2)
+    gallery = np.concatenate([[10, 0] + rng.standard_normal((80, 2)),
+                              [-10, 0] + rng.standard_normal((40, 2))]).astype(np.float32)
+    query = np.array([[-10.0, 0.5], [10.0, 0.5]], dtype=np.float32)
+    found = top_k(query, gallery, 50, "euclidean", index=IvfParams(nlist=2, nprobe=1))
+    assert (found[0] == brute_force(query[:1], gallery, 50, "euclidean")).all()
+    assert (found >= 0).all()
+
+
+@pytest.mark.parametrize("index", [IVF, HNSW], ids=["ivf", "hnsw"])
+def test_exclude_self_with_an_approximate_index(index):
+    found = top_k(GALLERY_3K[:500], GALLERY_3K[:500], 5, index=index, exclude_self=True)
+    assert found.shape == (500, 5)
+    assert not (found == np.arange(500)[:, None]).any()
+
+
+def test_nlist_zero_is_chosen_from_the_gallery_size():
+    assert ann.list_count(1_000_000, 0) == 4000            # 4 sqrt(N)
+    assert ann.list_count(270, 0) == 6                     # at least 39 vectors per list
+    assert ann.list_count(10, 0) == 1
+    assert ann.list_count(1_000_000, 1024) == 1024         # as set
+
+
+def test_nlist_too_large_to_train_names_the_param_and_sizes():
+    with pytest.raises(ClipcoreError, match=r"retrieve\.ivf\.nlist=100 needs at least 3,900 "
+                                            r"gallery vectors .* the gallery has 3,000"):
+        top_k(QUERY_3K, GALLERY_3K, 10, index=IvfParams(nlist=100, nprobe=8))

@@ -16,7 +16,7 @@ from clipcore.errors import ClipcoreError
 from clipcore.measures import metrics_for_names
 from clipcore.params import SubmitParams
 from clipcore.scorer import make_server
-from clipcore.submission import group_name, local_labels, submit_all
+from clipcore.submission import REUSED, group_name, local_labels, read_history, submit_all
 
 
 class ScriptedServer:
@@ -67,9 +67,10 @@ def serving(server: ThreadingHTTPServer, one_shot: bool = False):
         thread.join()
 
 
-def params(url: str = "", groupname: str = "team", retries: int = 2, timeout: float = 5.0):
+def params(url: str = "", groupname: str = "team", retries: int = 2, timeout: float = 5.0,
+           force: bool = False):
     return SubmitParams(url=url, groupname=groupname, timeout=timeout, retries=retries,
-                        backoff=0.01)
+                        backoff=0.01, force=force)
 
 
 def write_results(folder: Path, rankings: dict[int, object]) -> dict[Path, bytes]:
@@ -84,7 +85,12 @@ def write_results(folder: Path, rankings: dict[int, object]) -> dict[Path, bytes
 def run(tmp_path: Path, submit: SubmitParams, prepared: Path | None = None, environ=None):
     return submit_all(submit, tmp_path / "results", prepared or tmp_path / "prepared",
                       tmp_path / "submission_accuracy.csv", tmp_path / "submission.json",
+                      tmp_path / "submission_history.csv",
                       environ={} if environ is None else environ)
+
+
+def history(tmp_path: Path) -> list[dict]:
+    return read_history(tmp_path / "submission_history.csv")
 
 
 def table(tmp_path: Path) -> pd.DataFrame:
@@ -260,3 +266,114 @@ def test_unknown_labels_give_rows_without_accuracy_and_a_broken_file_fails_alone
     assert rows.loc[0, "status"] == rows.loc[2, "status"] == "not scored: test labels unknown"
     assert metrics(tmp_path) == {"epochs": {}}
     assert "test labels unknown" in capsys.readouterr().out
+
+
+def test_every_answer_is_kept_and_a_scored_ranking_is_not_posted_again(tmp_path, capsys):
+    """Before, each run replaced the CSV: a failed resubmission wiped the earlier scores, and
+    every rerun posted every epoch again."""
+    reversed_ranking = {"q1.png": TINY_RANKING["q1.png"][::-1]}
+    write_results(tmp_path / "results", {0: TINY_RANKING, 1: reversed_ranking})
+    scripted = ScriptedServer([(200, '{"accuracy": 400}'), (200, '{"accuracy": 500}'),
+                               (503, "down for maintenance")])
+    with serving(scripted.server):
+        run(tmp_path, params(scripted.url))
+        assert [(e["epoch"], e["accuracy"], e["status"]) for e in history(tmp_path)] \
+            == [(0, 400.0, "ok"), (1, 500.0, "ok")]
+        first = table(tmp_path)
+
+        again = run(tmp_path, params(scripted.url))  # same server, group and rankings
+        assert len(scripted.requests) == 2
+        assert [(o.accuracy, o.status) for o in again] == [(400.0, REUSED), (500.0, REUSED)]
+        assert list(table(tmp_path)["submitted_at"]) == list(first["submitted_at"])
+        assert "not posted again" in capsys.readouterr().out
+
+        with pytest.raises(ClipcoreError, match="failed epochs: 0, 1"):
+            run(tmp_path, params(scripted.url, retries=0, force=True))
+        assert len(scripted.requests) == 4
+    entries = history(tmp_path)
+    assert [(e["epoch"], e["accuracy"], e["status"][:8]) for e in entries] == [
+        (0, 400.0, "ok"), (1, 500.0, "ok"), (0, None, "HTTP 503"), (1, None, "HTTP 503")]
+    assert entries[0]["ranking_sha256"] == entries[2]["ranking_sha256"]
+    assert entries[0]["ranking_sha256"] != entries[1]["ranking_sha256"]
+    assert {(e["source"], e["groupname"]) for e in entries} == {(scripted.url, "team")}
+    assert table(tmp_path)["accuracy"].isna().all()  # the CSV shows this run: both failed
+    assert metrics(tmp_path) == {"epochs": {}}
+
+
+def test_another_group_or_changed_results_are_posted(tmp_path):
+    write_results(tmp_path / "results", {0: TINY_RANKING})
+    scripted = ScriptedServer([(200, '{"accuracy": 100}')])
+    with serving(scripted.server):
+        run(tmp_path, params(scripted.url))
+        run(tmp_path, params(scripted.url, groupname="other team"))
+        write_results(tmp_path / "results", {0: {"q1.png": TINY_RANKING["q1.png"][::-1]}})
+        run(tmp_path, params(scripted.url))
+    assert len(scripted.requests) == 3 and len(history(tmp_path)) == 3
+
+
+def test_a_line_cut_by_a_crash_does_not_lose_the_history(tmp_path, capsys):
+    write_results(tmp_path / "results", {0: TINY_RANKING})
+    (tmp_path / "submission_history.csv").write_text(
+        "submitted_at,epoch,accuracy,source,groupname,status,attempts,ranking_sha256\n"
+        "2026-11-28T01:02:03+00:00,0,400")  # the rest never reached the disk
+    scripted = ScriptedServer([(200, '{"accuracy": 100}')])
+    with serving(scripted.server):
+        run(tmp_path, params(scripted.url))
+    assert [e["accuracy"] for e in history(tmp_path)] == [100.0]
+    assert "line 2 is not a history entry, ignored" in capsys.readouterr().err
+
+
+class DrippingServer:
+    """Sends a complete, valid answer one byte at a time, `gap` seconds apart: every single
+    read is quick, the whole answer is slow."""
+
+    def __init__(self, gap: float):
+        self.stop = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                body = b'{"accuracy": 999}'
+                answer = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+                for i in range(len(answer)):
+                    if outer.stop.wait(gap):
+                        return
+                    self.wfile.write(answer[i:i + 1])
+                    self.wfile.flush()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+
+def test_timeout_bounds_the_whole_request(tmp_path):
+    """Before, `timeout` bounded each read: this answer took 55 x 0.2 s = 11 s and counted."""
+    write_results(tmp_path / "results", {0: TINY_RANKING})
+    dripping = DrippingServer(gap=0.2)
+    started = time.monotonic()
+    try:
+        with serving(dripping.server):
+            with pytest.raises(ClipcoreError, match=r"no complete answer from .* within 1 s "
+                                                    r"\(gave up after 2 attempts\)"):
+                run(tmp_path, params(dripping.url, timeout=1.0, retries=1))
+            elapsed = time.monotonic() - started
+    finally:
+        dripping.stop.set()
+    assert elapsed < 2 * 1.0 + 1.5  # two attempts of one second, the backoff and some slack
+    assert table(tmp_path).loc[0, "attempts"] == 2
+
+
+def test_lists_shorter_than_ten_score_what_they_hold(tmp_path, prepared_demo, demo_rankings):
+    """retrieve.top_k 5: before, every epoch failed at local scoring ("expected exactly 10")."""
+    labels, rankings = demo_rankings
+    five = {query: names[:5] for query, names in rankings[0].items()}
+    write_results(tmp_path / "results", {0: five})
+    [outcome] = run(tmp_path, params(), prepared_demo[1])
+    expected = metrics_for_names(five, labels.query, labels.gallery)["score"]
+    assert outcome.status == "ok" and outcome.accuracy == pytest.approx(expected)
+    with serving(make_server(labels)) as server:
+        [posted] = run(tmp_path, params(f"http://127.0.0.1:{server.server_address[1]}/"))
+    assert posted.accuracy == pytest.approx(expected)

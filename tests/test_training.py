@@ -116,11 +116,11 @@ def test_backbone_changes_only_when_unfrozen(params_factory, prepared_demo, froz
     params = params_factory({**LEARNING, "train.freeze_backbone": frozen, "train.num_workers": 0})
     trainer = Trainer(params, *prepared_demo)
     before = {k: v.clone() for k, v in trainer.model.clip.state_dict().items()}
-    head = trainer.model.head[1].weight.clone()
+    head = trainer.model.head.linear.weight.clone()
     trainer.train_epoch(1)
     after = trainer.model.clip.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert not torch.equal(head, trainer.model.head[1].weight)
+    assert not torch.equal(head, trainer.model.head.linear.weight)
     assert "logit_scale" in changed
     visual = {k for k in changed if k.startswith("visual.")}
     if frozen:
@@ -202,7 +202,7 @@ def test_empty_val_split_skips_metrics(tmp_path, params_factory, prepared_demo):
 def test_numeric_captions_only_learnable_targets_learn(tmp_path, params_factory, prepared_demo):
     """'a photo of class number 3' and '... 4' embed close together. With the backbone frozen
     the head alone can't pull images of such classes apart; learnable targets move apart."""
-    numeric = {**FROZEN, "train.epochs": 10}
+    numeric = {**FROZEN, "train.epochs": 10, "loss.target_init": "caption"}
     runs = {targets: run(tmp_path / targets,
                          params_factory({**numeric, "loss.text_targets": targets}), prepared_demo)
             for targets in ("frozen", "learnable")}

@@ -16,27 +16,32 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import with_overrides
+from conftest import with_overrides, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = {"model.name": "tiny", "model.pretrained": "none", "train.epochs": 2,
          "train.num_workers": 0, "embed.num_workers": 0}
 PIPELINE = ["demo", "prepare", "train", "embed", "retrieve", "submit"]
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = pytest.mark.timeout(900)  # real dvc runs: several minutes on a busy 2-core machine
 
 
-def run(cwd: Path, *args: str) -> str:
+def run(cwd: Path, *args: str, fails: bool = False) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
+    assert (done.returncode != 0) == fails, f"{' '.join(args)}: exit {done.returncode}:\n" \
+                                            f"{output[-4000:]}"
     return output
 
 
-def dvc(cwd: Path, *args: str) -> str:
-    return run(cwd, sys.executable, "-m", "dvc", *args)
+def dvc(cwd: Path, *args: str, fails: bool = False) -> str:
+    return run(cwd, sys.executable, "-m", "dvc", *args, fails=fails)
+
+
+def md_columns(table: str) -> list[str]:
+    return [cell.strip() for cell in table.strip().splitlines()[0].strip("|").split("|")]
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -48,6 +53,7 @@ def stages_run(output: str) -> list[str]:
 
 
 def set_params(project: Path, values: dict) -> None:
+    """Change keys of the project's params.yaml, as `dvc exp run -S` would."""
     params = with_overrides(yaml.safe_load((project / "params.yaml").read_text()), values)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -57,13 +63,17 @@ def digest(path: Path) -> str:
 
 
 def copy_project(dest: Path) -> None:
-    """The files git would carry (tracked or not ignored): code, pipeline and params."""
+    """The code and pipeline git would carry (tracked or not ignored), without the workspace's
+    params, outputs and lock file (tests never depend on them): the tests' own params instead."""
     listed = git(REPO, "ls-files", "--cached", "--others", "--exclude-standard").split("\n")
     for name in filter(None, listed):
-        source = REPO / name
-        if source.is_file() and name.split("/")[0] not in {"tests", "bench"}:
+        source, top = REPO / name, name.split("/")[0]
+        output = top in {"data", "repository"} and source.name not in {"README.md", ".gitignore"}
+        if (source.is_file() and top not in {"tests", "bench"} and not output
+                and name not in {"dvc.lock", "params.yaml"}):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
+    write_params(dest)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +116,11 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
     retrieval = json.loads((project / "repository/metrics/retrieval.json").read_text())
     assert sorted(retrieval["epochs"]) == ["0", "1", "2"]
 
+    # Scored locally: the submission history (every server answer) holds its header only.
+    history = (project / "repository/submission_history.csv").read_text().splitlines()
+    assert history == ["submitted_at,epoch,accuracy,source,groupname,status,attempts,"
+                       "ranking_sha256"]
+
     # 2. Nothing changed: nothing runs.
     assert stages_run(dvc(project, "repro")) == []
     assert "up to date" in dvc(project, "status")
@@ -138,7 +153,24 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
         assert data["params"]["params.yaml"]["data"]["train"]["freeze_backbone"] is frozen
         scores = data["metrics"]["repository/metrics/retrieval.json"]["data"]["epochs"]
         assert sorted(scores) == ["0", "1", "2", "3"]  # accuracy by epoch for both runs
+    # The README's narrow views: chosen columns, one metrics file.
+    narrow = dvc(project, "exp", "show", "--md", "--drop", ".*", "--keep",
+                 r"Experiment|freeze_backbone|^epochs\.[0-9]+$")
+    assert sorted(md_columns(narrow)) == ["Experiment", "epochs.0", "epochs.1", "epochs.2",
+                                          "epochs.3", "train.freeze_backbone"]
+    assert "epochs.3" in md_columns(dvc(project, "metrics", "show", "--md",
+                                        "repository/metrics/submission.json"))
     git(project, "checkout", "--", ".")  # back to the committed baseline
+    dvc(project, "checkout", "--force")
+
+    # 4b. Resuming the baseline's checkpoints with another lr stops, naming the key, and keeps
+    # them (before, it recorded the new lr and delivered the old model).
+    kept = {p: digest(p) for p in (project / "repository/checkpoints").iterdir()}
+    failed = dvc(project, "exp", "run", "-S", "train.lr=0.5", "-S", "train.resume=true",
+                 fails=True)
+    assert "error: repository/checkpoints/weights_epoch_3.pth: made with train.lr=" in failed
+    assert {p: digest(p) for p in (project / "repository/checkpoints").iterdir()} == kept
+    git(project, "checkout", "--", ".")
     dvc(project, "checkout", "--force")
 
     # 5. Versioned data and checkpoints: push, pull in a fresh clone, checkout an older commit.

@@ -1,0 +1,223 @@
+"""Several processes (train.processes, torch.distributed with gloo on CPU): two processes compute
+the loss and gradients one process computes on the same global batch; the train and embed
+stages on two processes write what one process writes; resuming with another process count
+stops with one line.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing
+import yaml
+
+from clipcore import distributed, paths
+from clipcore.checkpoint import load_file
+from clipcore.embedding import embed_all
+from clipcore.errors import ClipcoreError
+from clipcore.loss import RetrievalClipLoss, TextTargets
+from clipcore.model import build_model
+from clipcore.params import ModelParams, Params, load_params
+from clipcore.training import METRIC_COLUMNS, train
+from conftest import write_params
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ModelParams(name="tiny", pretrained="none", embed_dim=512, dropout=0.0)
+# Dropout and augmentation off: then two processes must follow one process's run exactly.
+STAGE = {"model.name": "tiny", "model.pretrained": "none", "model.dropout": 0.0,
+         "train.augment": False, "train.num_workers": 0, "embed.num_workers": 0,
+         "train.lr": 1e-2, "data.root": "demo"}
+EPOCHS = {True: 2, False: 1}  # by train.freeze_backbone: a trained backbone's epoch costs more
+LABELS = [0, 0, 1, 2, 1, 0, 2]  # 7 images: an uneven 4 + 3 split, same-class pairs across it
+COMPARED = ("train_loss", "val_loss", "top1", "top5", "top10", "score", "precision_at_k",
+            "map_at_k", "lr")
+
+
+# --- the loss and its gradients ------------------------------------------------------------
+
+def loss_and_gradients(world: distributed.World, same_class_positives: bool) -> dict:
+    """One training step's loss and gradients on a fixed global batch of 7 images through the
+    tiny model (visual tower trainable), from this process's share of the batch."""
+    model = build_model(TINY).eval()  # seeded random init: the same weights in every process
+    model.set_backbone_trainable(True)
+    targets = TextTargets(torch.randn(3, 512, generator=torch.Generator().manual_seed(1)),
+                          learnable=True)
+    images = torch.randn(len(LABELS), 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor(LABELS)
+    mine = world.shard(range(len(LABELS)))
+    local = model(images[list(mine)])
+    embeddings, labels, rows = world.gather_batch(local, labels[list(mine)])
+    loss = RetrievalClipLoss(same_class_positives)(
+        embeddings, targets(labels), labels, model.clip.logit_scale, rows=rows)
+    loss.backward()
+    named = {**{f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad},
+             **{f"targets.{n}": p for n, p in targets.named_parameters()}}
+    world.sum_gradients(list(named.values()))
+    return {"loss": world.sum(loss), "grads": {n: p.grad.clone() for n, p in named.items()}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gloo_process(rank: int, port: int, folder: str) -> None:
+    """One of two processes, set up as torchrun sets them up (environment variables)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    world = distributed.join("cpu")
+    assert (world.rank, world.size) == (rank, 2)
+    results = {mode: loss_and_gradients(world, mode) for mode in (True, False)}
+    torch.save(results, Path(folder) / f"rank_{rank}.pt")
+
+
+def test_two_processes_give_one_process_loss_and_gradients(tmp_path):
+    torch.multiprocessing.start_processes(gloo_process, args=(free_port(), str(tmp_path)),
+                                          nprocs=2, start_method="spawn")
+    for same_class_positives in (True, False):
+        alone = loss_and_gradients(distributed.World(), same_class_positives)
+        assert alone["grads"]["model.clip.visual.conv1.weight"].abs().sum() > 0
+        for rank in (0, 1):
+            shared = torch.load(tmp_path / f"rank_{rank}.pt")[same_class_positives]
+            assert shared["loss"] == pytest.approx(alone["loss"], abs=1e-5)
+            assert shared["grads"].keys() == alone["grads"].keys()
+            for name, grad in alone["grads"].items():
+                torch.testing.assert_close(shared["grads"][name], grad, atol=1e-5, rtol=1e-5,
+                                           msg=f"{name}, rank {rank}")
+
+
+def test_shares_are_contiguous_and_cover_every_item_once():
+    items = list(range(7))
+    shares = [distributed.World(rank=rank, size=3).shard(items) for rank in range(3)]
+    assert shares == [[0, 1, 2], [3, 4], [5, 6]]
+    assert distributed.World().shard(items) is items  # one process: untouched
+
+
+# --- the stages on two processes ---------------------------------------------------------
+
+def stage(folder: Path, name: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def project(folder: Path, prepared_demo, overrides: dict) -> Path:
+    """A folder holding the demo data, its manifests and params.yaml, as a stage sees them."""
+    root, prepared = prepared_demo
+    (folder / "demo").symlink_to(root)
+    shutil.copytree(prepared, folder / paths.PREPARED)
+    write_params(folder, {**STAGE, **overrides})
+    return folder
+
+
+def metric_rows(folder: Path) -> list[dict]:
+    with open(folder / paths.TRAINING_METRICS_CSV) as f:
+        return list(csv.DictReader(f))
+
+
+def same_metrics(rows: list[dict], history: list[dict]) -> None:
+    assert [int(r["epoch"]) for r in rows] == [h["epoch"] for h in history]
+    for row, expected in zip(rows, history):
+        for column in COMPARED:
+            if row[column] == "":  # epoch 0: no train_loss, no lr
+                assert np.isnan(expected[column])
+            else:
+                assert float(row[column]) == pytest.approx(expected[column], rel=1e-4, abs=1e-6), \
+                    f"epoch {row['epoch']} {column}"
+
+
+def on_one_process(folder: Path, **train) -> Params:
+    """The params of a two-process run's folder, for one process (and `train` changes)."""
+    params = load_params(folder / "params.yaml")
+    return dataclasses.replace(
+        params, train=dataclasses.replace(params.train, processes=1, **train))
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, prepared_demo):
+    """run(frozen) -> (folder, stdout) of the train stage run on two processes."""
+    runs = {}
+
+    def run(frozen: bool) -> tuple[Path, str]:
+        if frozen not in runs:
+            folder = project(tmp_path_factory.mktemp("two_processes"), prepared_demo,
+                             {"train.processes": 2, "train.freeze_backbone": frozen,
+                              "train.epochs": EPOCHS[frozen]})
+            runs[frozen] = folder, stage(folder, "train").stdout
+        return runs[frozen]
+    return run
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "unfrozen"])
+def test_train_stage_on_two_processes_writes_one_process_run(
+        two_process_runs, tmp_path, prepared_demo, frozen):
+    folder, stdout = two_process_runs(frozen)
+    with contextlib.chdir(tmp_path):
+        one_process = train(on_one_process(folder), *prepared_demo)
+    epochs = list(range(EPOCHS[frozen] + 1))
+    assert stdout.count(f"trained {epochs[-1]} epochs") == 1  # local rank 0 alone prints
+    rows = metric_rows(folder)
+    assert list(rows[0]) == list(METRIC_COLUMNS)
+    same_metrics(rows, one_process)
+    live = json.loads((folder / paths.TRAIN_LIVE / "metrics.json").read_text())
+    assert live["step"] == epochs[-1]
+    scores = (folder / paths.TRAIN_LIVE / "plots/metrics/score.tsv").read_text().splitlines()
+    assert len(scores) == 1 + len(epochs)  # header + one line per epoch
+    assert [paths.epoch_of(p) for p in paths.epoch_files(folder / paths.ALL_WEIGHTS, "*.pt")] \
+        == epochs
+    assert [paths.epoch_of(p) for p in paths.epoch_files(folder / paths.CHECKPOINTS, "*.pth")] \
+        == epochs[1:]
+
+
+def test_embed_stage_on_two_processes_writes_one_process_embeddings(
+        two_process_runs, tmp_path, prepared_demo):
+    folder, _ = two_process_runs(True)
+    stage(folder, "embed")
+    shutil.copytree(folder / paths.ALL_WEIGHTS, tmp_path / paths.ALL_WEIGHTS)
+    with contextlib.chdir(tmp_path):
+        embed_all(on_one_process(folder), *prepared_demo)
+    for epoch in (0, 1, 2):
+        two = np.load(folder / paths.embeddings_path(epoch))
+        one = np.load(tmp_path / paths.embeddings_path(epoch))
+        assert two.files == one.files
+        for split in ("query", "gallery"):
+            assert two[f"{split}_names"].tolist() == one[f"{split}_names"].tolist()
+            np.testing.assert_allclose(two[split], one[split], atol=1e-4)
+
+
+def test_resume_on_two_processes_ends_as_the_run_that_never_stopped(
+        two_process_runs, tmp_path, prepared_demo):
+    finished, _ = two_process_runs(True)
+    folder = tmp_path / "run"
+    shutil.copytree(finished, folder, symlinks=True)
+    for path in (paths.checkpoint_path(2), paths.model_path(2)):  # stopped after epoch 1
+        (folder / path).unlink()
+    with contextlib.chdir(folder), pytest.raises(ClipcoreError) as error:
+        train(on_one_process(folder, resume=True), *prepared_demo)
+    message = str(error.value)
+    assert "\n" not in message and "train.processes" in message
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["train"]["resume"] = True
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "resuming after epoch 1" in stage(folder, "train").stdout
+    resumed, uninterrupted = metric_rows(folder), metric_rows(finished)
+    assert [r["epoch"] for r in resumed] == ["0", "1", "2"]
+    for a, b in zip(resumed, uninterrupted):
+        assert [a[c] for c in COMPARED] == [b[c] for c in COMPARED]
+    a = load_file(folder / paths.model_path(2))["state"]
+    b = load_file(finished / paths.model_path(2))["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
