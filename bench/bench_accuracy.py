@@ -18,7 +18,7 @@ each frozen and unfrozen: epoch 0, the best epoch's test score and top-1/5/10, t
 and the epoch the val metrics pick. `--demo` adds the same for the tiny random-init model on the
 demo data (all ten digits), the smoke run of the README.
 
-    python bench/bench_accuracy.py [--epochs 5] [--demo] [--out /tmp/bench_accuracy]
+    python bench/bench_accuracy.py [--epochs N] [--demo] [--out /tmp/bench_accuracy]
 """
 from __future__ import annotations
 
@@ -171,27 +171,28 @@ def bench(title: str, data_root: Path, work: Path, base: dict, recipes: dict) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (train.epochs)")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: train.epochs)")
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--demo", action="store_true", help="also the tiny random-init demo rows")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_accuracy"))
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    tiny = {"model.name": "tiny", "train.epochs": args.epochs}
+    epochs = args.epochs or bench_params({}).train.epochs
+    tiny = {"model.name": "tiny", "train.epochs": epochs}
 
     params = bench_params({**tiny, "model.pretrained": "none"})
     pretrain_root, finetune_root = out / "pretrain_digits", out / "finetune_digits"
     write_data(pretrain_root, params, PRETRAIN_DIGITS)
     write_data(finetune_root, params, FINETUNE_DIGITS)
     weights = pretrain_base(pretrain_root, out / "tiny_pretrained.pt", params, args.pretrain_epochs)
-    bench(f"pretrained tiny base (digits 0-4) fine-tuned on digits 5-9, {args.epochs} epochs, "
+    bench(f"pretrained tiny base (digits 0-4) fine-tuned on digits 5-9, {epochs} epochs, "
           f"test score out of 1000", finetune_root, out / "runs",
           {**tiny, "model.pretrained": str(weights)}, RECIPES)
     if args.demo:
         demo_root = out / "demo"
         write_data(demo_root, params, range(10))
-        bench(f"demo: tiny random-init model, all ten digits, {args.epochs} epochs",
+        bench(f"demo: tiny random-init model, all ten digits, {epochs} epochs",
               demo_root, out / "demo_runs", {**tiny, "model.pretrained": "none"},
               {name: RECIPES[name] for name in ("previous default", "default")})
 

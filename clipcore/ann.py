@@ -8,7 +8,7 @@ list not visited or a part of the graph not walked. bench/bench_ann.py measures 
 speed against exact search on 1M clustered vectors.
 
 Both give the same answer for the same gallery on every run (tests/test_search.py): IVF's
-k-means is seeded, and FAISS 1.15 links the HNSW graph the same way whatever the thread count.
+k-means is seeded, and FAISS 1.15 built identical HNSW graphs on 1, 2 and 4 threads.
 """
 from __future__ import annotations
 

@@ -200,7 +200,8 @@ class ResidualHead(nn.Module):
         super().__init__()
         self.feature_dim, self.embed_dim = feature_dim, embed_dim
         self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(feature_dim, embed_dim)
+        # skip_init: no random init to overwrite, and no draw from the caller's random stream.
+        self.linear = nn.utils.skip_init(nn.Linear, feature_dim, embed_dim)
         with torch.no_grad():
             self.linear.weight.zero_()
             self.linear.bias.zero_()

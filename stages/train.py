@@ -15,12 +15,16 @@ def main() -> None:
     history = train(params, Path(params.data.root), paths.PREPARED)
     first, last = history[0], history[-1]
     mode = "frozen backbone" if params.train.freeze_backbone else "backbone trained"
-    if math.isnan(last["precision_at_k"]):
-        measured = "no val images, so no val metrics"
+    if math.isnan(last["score"]):
+        measured = ("no val images, so no val metrics" if math.isnan(last["val_queries"]) else
+                    f"no val query has a positive ({last['val_unmatched']:.0f} unmatched), "
+                    f"so no val metrics")
     else:
-        measured = (f"val precision@{params.train.val_top_k} {first['precision_at_k']:.3f} -> "
-                    f"{last['precision_at_k']:.3f}, val score {first['score']:.1f} -> "
-                    f"{last['score']:.1f}")
+        best = max(history, key=lambda row: row["score"])
+        measured = (f"val score {first['score']:.1f} -> {last['score']:.1f}, best epoch "
+                    f"{best['epoch']} ({best['score']:.1f}); val precision@"
+                    f"{params.train.val_top_k} {first['precision_at_k']:.3f} -> "
+                    f"{last['precision_at_k']:.3f} ({last['val_queries']:.0f} val queries)")
     print(f"trained {last['epoch']} epochs ({mode}): {measured}; "
           f"model files in {paths.ALL_WEIGHTS}")
 

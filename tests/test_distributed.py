@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing
@@ -115,9 +116,9 @@ def stage(folder: Path, name: str) -> subprocess.CompletedProcess:
     return done
 
 
-def project(folder: Path, prepared_demo, overrides: dict) -> Path:
+def project(folder: Path, demo: tuple[Path, Path], overrides: dict) -> Path:
     """A folder holding the demo data, its manifests and params.yaml, as a stage sees them."""
-    root, prepared = prepared_demo
+    root, prepared = demo
     (folder / "demo").symlink_to(root)
     shutil.copytree(prepared, folder / paths.PREPARED)
     write_params(folder, {**STAGE, **overrides})
@@ -140,6 +141,18 @@ def same_metrics(rows: list[dict], history: list[dict]) -> None:
                     f"epoch {row['epoch']} {column}"
 
 
+@pytest.fixture(scope="module")
+def small_demo(prepared_demo, tmp_path_factory) -> tuple[Path, Path]:
+    """The demo with a third of its training images and half its queries and gallery: enough
+    for what these runs show, and each starts two processes on two shared cores."""
+    root, prepared = prepared_demo
+    small = tmp_path_factory.mktemp("small_prepared")
+    for split, step in (("train", 3), ("val", 1), ("query", 2), ("gallery", 2)):
+        frame = pd.read_csv(prepared / f"{split}.csv", dtype=str, keep_default_na=False)
+        frame.iloc[::step].to_csv(small / f"{split}.csv", index=False)
+    return root, small
+
+
 def on_one_process(folder: Path, **train) -> Params:
     """The params of a two-process run's folder, for one process (and `train` changes)."""
     params = load_params(folder / "params.yaml")
@@ -148,13 +161,13 @@ def on_one_process(folder: Path, **train) -> Params:
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory, prepared_demo):
+def two_process_runs(tmp_path_factory, small_demo):
     """run(frozen) -> (folder, stdout) of the train stage run on two processes."""
     runs = {}
 
     def run(frozen: bool) -> tuple[Path, str]:
         if frozen not in runs:
-            folder = project(tmp_path_factory.mktemp("two_processes"), prepared_demo,
+            folder = project(tmp_path_factory.mktemp("two_processes"), small_demo,
                              {"train.processes": 2, "train.freeze_backbone": frozen,
                               "train.epochs": EPOCHS[frozen]})
             runs[frozen] = folder, stage(folder, "train").stdout
@@ -164,10 +177,10 @@ def two_process_runs(tmp_path_factory, prepared_demo):
 
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "unfrozen"])
 def test_train_stage_on_two_processes_writes_one_process_run(
-        two_process_runs, tmp_path, prepared_demo, frozen):
+        two_process_runs, tmp_path, small_demo, frozen):
     folder, stdout = two_process_runs(frozen)
     with contextlib.chdir(tmp_path):
-        one_process = train(on_one_process(folder), *prepared_demo)
+        one_process = train(on_one_process(folder), *small_demo)
     epochs = list(range(EPOCHS[frozen] + 1))
     assert stdout.count(f"trained {epochs[-1]} epochs") == 1  # local rank 0 alone prints
     rows = metric_rows(folder)
@@ -184,12 +197,12 @@ def test_train_stage_on_two_processes_writes_one_process_run(
 
 
 def test_embed_stage_on_two_processes_writes_one_process_embeddings(
-        two_process_runs, tmp_path, prepared_demo):
+        two_process_runs, tmp_path, small_demo):
     folder, _ = two_process_runs(True)
     stage(folder, "embed")
     shutil.copytree(folder / paths.ALL_WEIGHTS, tmp_path / paths.ALL_WEIGHTS)
     with contextlib.chdir(tmp_path):
-        embed_all(on_one_process(folder), *prepared_demo)
+        embed_all(on_one_process(folder), *small_demo)
     for epoch in (0, 1, 2):
         two = np.load(folder / paths.embeddings_path(epoch))
         one = np.load(tmp_path / paths.embeddings_path(epoch))
@@ -200,14 +213,14 @@ def test_embed_stage_on_two_processes_writes_one_process_embeddings(
 
 
 def test_resume_on_two_processes_ends_as_the_run_that_never_stopped(
-        two_process_runs, tmp_path, prepared_demo):
+        two_process_runs, tmp_path, small_demo):
     finished, _ = two_process_runs(True)
     folder = tmp_path / "run"
     shutil.copytree(finished, folder, symlinks=True)
     for path in (paths.checkpoint_path(2), paths.model_path(2)):  # stopped after epoch 1
         (folder / path).unlink()
     with contextlib.chdir(folder), pytest.raises(ClipcoreError) as error:
-        train(on_one_process(folder, resume=True), *prepared_demo)
+        train(on_one_process(folder, resume=True), *small_demo)
     message = str(error.value)
     assert "\n" not in message and "train.processes" in message
     params = yaml.safe_load((folder / "params.yaml").read_text())

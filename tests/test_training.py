@@ -16,6 +16,7 @@ import torch
 from clipcore import paths
 from clipcore.checkpoint import load_file
 from clipcore.errors import ClipcoreError
+from clipcore.manifests import read_manifest
 from clipcore.model import build_model
 from clipcore.training import METRIC_COLUMNS, Trainer, train
 
@@ -109,6 +110,14 @@ def test_outputs_per_epoch(learning_run):
     assert live["step"] == params.train.epochs and live["score"] == history[-1]["score"]
     scores = (folder / paths.TRAIN_LIVE / "plots/metrics/score.tsv").read_text().splitlines()
     assert len(scores) == 1 + len(epochs)  # header + one line per epoch, epoch 0 included
+
+
+def test_every_val_image_is_scored_as_a_query(frozen_run, prepared_demo):
+    """The image split's val images query the training images too: none lacks a positive."""
+    _, _, history = frozen_run
+    n_val = len(read_manifest(prepared_demo[1], "val"))
+    assert all(row["val_queries"] == n_val and row["val_unmatched"] == 0 for row in history)
+    assert all(0 < row["score"] <= 1000 for row in history)
 
 
 @pytest.mark.parametrize("frozen", [True, False])

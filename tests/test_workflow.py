@@ -155,7 +155,7 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
         assert sorted(scores) == ["0", "1", "2", "3"]  # accuracy by epoch for both runs
     # The README's narrow views: chosen columns, one metrics file.
     narrow = dvc(project, "exp", "show", "--md", "--drop", ".*", "--keep",
-                 r"Experiment|freeze_backbone|^epochs\.[0-9]+$")
+                 r"Experiment|train\.freeze_backbone|^epochs\.[0-9]+$")
     assert sorted(md_columns(narrow)) == ["Experiment", "epochs.0", "epochs.1", "epochs.2",
                                           "epochs.3", "train.freeze_backbone"]
     assert "epochs.3" in md_columns(dvc(project, "metrics", "show", "--md",
