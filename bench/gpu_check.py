@@ -7,8 +7,10 @@ epoch-0 embeddings of 1 and N processes agree.
 
 On CUDA, train and embed run with bf16 autocast (train.device auto) and NCCL. Without CUDA it
 says so and runs on the CPU with gloo, N = 2 and the tiny model only by default; the CUDA parts
-(bf16, NCCL, GPU memory) are then skipped. ViT-B-32 uses OpenAI's weights when they are in the
-local cache, else random init (the speed is the same).
+(bf16, NCCL, GPU memory) are then skipped, and the speeds say little: on a few shared cores a
+process with 2 OpenMP threads can stall on its barriers (it checks plumbing and agreement).
+ViT-B-32 uses OpenAI's weights when they are in the local cache, else random init (the speed is
+the same).
 
 Each run is a real train + embed through clipcore (the stages' own code, launched by the same
 torchrun relaunch), on the digits demo written into a temporary folder; `--repeat R` lists each

@@ -115,9 +115,9 @@ class Trainer:
         self.val_order = torch.randperm(len(self.val_split.paths),
                                         generator=torch.Generator().manual_seed(params.seed))
         self.feature_cache: dict[str, torch.Tensor] = {}
-        self._start_from_base_features(captions, params)
+        self._start_from_base_features(params)
 
-    def _start_from_base_features(self, captions: list[str], params: Params) -> None:
+    def _start_from_base_features(self, params: Params) -> None:
         """Standardise the head's input and place the class targets, from the base model's
         features of the training images (stored anyway when frozen; one pass when not)."""
         if not (params.train.standardize_features or params.loss.target_init == "class_mean"):

@@ -3,7 +3,6 @@ it, a damaged checkpoint is skipped only when it really is damaged, and nothing 
 no checkpoint can be used. train.keep_checkpoints keeps the newest N."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import shutil
@@ -15,8 +14,8 @@ from clipcore import paths
 from clipcore.errors import ClipcoreError
 from clipcore.params import parse_params
 from clipcore.resume import check_compatible, run_settings
-from clipcore.training import train
 from conftest import default_params_dict, flip_bit, with_overrides
+from tests.test_training import Interrupt, run, stop_after
 
 FROZEN = {"model.name": "tiny", "model.pretrained": "none", "train.num_workers": 0,
           "train.epochs": 2, "train.lr": 1e-2}
@@ -24,23 +23,6 @@ FROZEN = {"model.name": "tiny", "model.pretrained": "none", "train.num_workers":
 MAY_CHANGE = {"train.epochs", "train.resume", "train.num_workers", "train.device",
               "train.keep_checkpoints", "data.root"}
 LATER_STAGES = ("demo.", "embed.", "retrieve.", "submit.")
-
-
-class Interrupt(Exception):
-    pass
-
-
-def stop_after(last: int):
-    def on_epoch_end(epoch: int, row: dict) -> None:
-        if epoch == last:
-            raise Interrupt
-    return on_epoch_end
-
-
-def run(folder: Path, params, data, on_epoch_end=None) -> list[dict]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with contextlib.chdir(folder):
-        return train(params, *data, on_epoch_end=on_epoch_end)
 
 
 def outputs(folder: Path) -> dict[str, str]:
