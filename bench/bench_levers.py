@@ -8,7 +8,7 @@ Two data sets, from bench/bench_accuracy.py's helpers: its accuracy benchmark (t
 model pretrained CLIP-style on the digits 0-4, saved as a local weights file, fine-tuned by the
 pipeline on the digits 5-9) and the demo (the tiny random-init model on all ten digits).
 
-    python bench/bench_levers.py [--epochs 5] [--out /tmp/bench_levers]
+    python bench/bench_levers.py [--epochs N] [--out /tmp/bench_levers]
 
 Runs the pipeline's own train / embed / retrieve functions; the params are params.yaml's.
 """
@@ -139,13 +139,14 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (train.epochs)")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: train.epochs)")
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_levers"))
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    tiny = {"model.name": "tiny", "train.epochs": args.epochs}
+    epochs = args.epochs or bench_params({}).train.epochs
+    tiny = {"model.name": "tiny", "train.epochs": epochs}
     params = bench_params({**tiny, "model.pretrained": "none"})
     pretrain_root, finetune_root, demo_root = (out / name for name in (
         "pretrain_digits", "finetune_digits", "demo"))
@@ -158,7 +159,7 @@ def main() -> None:
                    out / "runs", images_per_class=16)
     rows += measure("demo", {**tiny, "model.pretrained": "none"}, demo_root, out / "demo_runs",
                     images_per_class=8)
-    print(f"\nlast epoch ({args.epochs}) test metrics; accuracy: tiny model pretrained on digits "
+    print(f"\nlast epoch ({epochs}) test metrics; accuracy: tiny model pretrained on digits "
           f"0-4, fine-tuned on 5-9; demo: tiny random-init model, digits 0-9\n")
     print_table(rows)
     print(kreciprocal_at_competition_size())

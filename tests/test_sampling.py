@@ -83,9 +83,9 @@ def batch_labels():
     seen = []
     original = RetrievalClipLoss.forward
 
-    def spy(self, embeddings, targets, labels, logit_scale):
+    def spy(self, embeddings, targets, labels, *args, **kwargs):
         seen.append(labels.tolist())
-        return original(self, embeddings, targets, labels, logit_scale)
+        return original(self, embeddings, targets, labels, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RetrievalClipLoss, "forward", spy)
