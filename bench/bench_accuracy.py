@@ -169,31 +169,43 @@ def bench(title: str, data_root: Path, work: Path, base: dict, recipes: dict) ->
     print_table(title, rows, pixel_knn(data_root))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_bench_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: train.epochs)")
     parser.add_argument("--pretrain-epochs", type=int, default=30)
-    parser.add_argument("--demo", action="store_true", help="also the tiny random-init demo rows")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_accuracy"))
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=Path(out))
+
+
+def bench_setup(args: argparse.Namespace, demo: bool) -> tuple[dict, Path, dict[str, Path]]:
+    """Write the digit data roots and pretrain the base: (the tiny-model overrides, the base's
+    weights file, the data roots by name: finetune, and demo when asked)."""
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     epochs = args.epochs or bench_params({}).train.epochs
     tiny = {"model.name": "tiny", "train.epochs": epochs}
-
     params = bench_params({**tiny, "model.pretrained": "none"})
-    pretrain_root, finetune_root = out / "pretrain_digits", out / "finetune_digits"
-    write_data(pretrain_root, params, PRETRAIN_DIGITS)
-    write_data(finetune_root, params, FINETUNE_DIGITS)
-    weights = pretrain_base(pretrain_root, out / "tiny_pretrained.pt", params, args.pretrain_epochs)
+    roots = {"finetune": out / "finetune_digits", **({"demo": out / "demo"} if demo else {})}
+    write_data(out / "pretrain_digits", params, PRETRAIN_DIGITS)
+    write_data(roots["finetune"], params, FINETUNE_DIGITS)
+    if demo:
+        write_data(roots["demo"], params, range(10))
+    weights = pretrain_base(out / "pretrain_digits", out / "tiny_pretrained.pt", params,
+                            args.pretrain_epochs)
+    return tiny, weights, roots
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_bench_arguments(parser, "/tmp/bench_accuracy")
+    parser.add_argument("--demo", action="store_true", help="also the tiny random-init demo rows")
+    args = parser.parse_args()
+    tiny, weights, roots = bench_setup(args, args.demo)
+    epochs, out = tiny["train.epochs"], args.out.resolve()
     bench(f"pretrained tiny base (digits 0-4) fine-tuned on digits 5-9, {epochs} epochs, "
-          f"test score out of 1000", finetune_root, out / "runs",
+          f"test score out of 1000", roots["finetune"], out / "runs",
           {**tiny, "model.pretrained": str(weights)}, RECIPES)
     if args.demo:
-        demo_root = out / "demo"
-        write_data(demo_root, params, range(10))
         bench(f"demo: tiny random-init model, all ten digits, {epochs} epochs",
-              demo_root, out / "demo_runs", {**tiny, "model.pretrained": "none"},
+              roots["demo"], out / "demo_runs", {**tiny, "model.pretrained": "none"},
               {name: RECIPES[name] for name in ("previous default", "default")})
 
 

@@ -153,8 +153,8 @@ def main() -> None:
                 index.nprobe = value
             else:
                 index.hnsw.efSearch = value
-            query_s, found = best_time(lambda: ranked_by_index(index, query, K, "cosine"),
-                                       args.repeats)
+            query_s, found = best_time(
+                lambda index=index: ranked_by_index(index, query, K, "cosine"), args.repeats)
             speed, hits = exact_s / query_s, recall(found, exact)
             label = f"{name} {shape} {knob} {value}"
             print(f"{label:31s} {build_s:8.1f} {memory:10.0f} {query_s:8.2f} {speed:8.1f} "

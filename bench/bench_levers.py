@@ -25,8 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_accuracy import (FINETUNE_DIGITS, PRETRAIN_DIGITS, bench_params,  # noqa: E402
-                            pretrain_base, write_data)
+from bench_accuracy import add_bench_arguments, bench_params, bench_setup  # noqa: E402
 from bench_embed import timed  # noqa: E402  (same folder)
 from clipcore.embedding import embed_all  # noqa: E402
 from clipcore.params import Params  # noqa: E402
@@ -139,21 +138,11 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: train.epochs)")
-    parser.add_argument("--pretrain-epochs", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_levers"))
+    add_bench_arguments(parser, "/tmp/bench_levers")
     args = parser.parse_args()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    epochs = args.epochs or bench_params({}).train.epochs
-    tiny = {"model.name": "tiny", "train.epochs": epochs}
-    params = bench_params({**tiny, "model.pretrained": "none"})
-    pretrain_root, finetune_root, demo_root = (out / name for name in (
-        "pretrain_digits", "finetune_digits", "demo"))
-    write_data(pretrain_root, params, PRETRAIN_DIGITS)
-    write_data(finetune_root, params, FINETUNE_DIGITS)
-    write_data(demo_root, params, range(10))
-    weights = pretrain_base(pretrain_root, out / "tiny_pretrained.pt", params, args.pretrain_epochs)
+    tiny, weights, roots = bench_setup(args, demo=True)
+    epochs, out = tiny["train.epochs"], args.out.resolve()
+    finetune_root, demo_root = roots["finetune"], roots["demo"]
     # P x K needs P classes: 5 digits to fine-tune on (4 x 16), 10 in the demo (8 x 8).
     rows = measure("accuracy", {**tiny, "model.pretrained": str(weights)}, finetune_root,
                    out / "runs", images_per_class=16)
