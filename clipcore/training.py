@@ -188,11 +188,11 @@ class Trainer:
             labels = self.val_split.labels
             row["val_loss"] = self._val_loss(embeddings, labels)
             # Training images join the gallery only when they share classes with val.
-            shared = torch.isin(labels, self.train_split.labels).any()
-            train = self._embed("train", self.train_split) if shared else None
+            train = (self._embed("train", self.train_split).cpu().numpy()
+                     if torch.isin(labels, self.train_split.labels).any() else None)
             measures = validation_metrics(
                 embeddings.cpu().numpy(), labels.cpu().numpy(), self.params.train.val_top_k,
-                None if train is None else train.cpu().numpy(), self.train_split.labels.cpu().numpy())
+                train, self.train_split.labels.cpu().numpy())
             row.update({key: float(measures[key]) for key in VALIDATION_COLUMNS
                         if key in measures})
         row["seconds"] = time.perf_counter() - started
