@@ -188,10 +188,9 @@ class ResidualHead(nn.Module):
     with the Linear starting at zero, so an untrained head is exactly the identity (zero-padded to
     embed_dim) and weight decay pulls towards zero-shot CLIP rather than towards a zero matrix.
 
-    Why standardise: CLIP features share one large common direction (tiny random model: 99.75%
-    of the norm; pretrained CLIP on one domain: most of it), so a Linear fed raw features gets
-    gradients dominated by that direction and Adam's per-weight steps swamp the small
-    class-telling variation. `mean`/`std` are the training images' feature statistics, set once
+    Why standardise: features of one domain share a large common direction (the tiny random
+    model's: 99.75% of the norm), so a Linear fed raw features gets gradients dominated by it,
+    and Adam's per-weight steps swamp the small class-telling variation. `mean`/`std` are the training images' feature statistics, set once
     before training (`set_feature_stats`); with the defaults (0, 1) the branch sees raw features.
     The rms(std) factor keeps the branch in feature units, so one lr means the same for any backbone.
     """
