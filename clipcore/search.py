@@ -36,7 +36,8 @@ def top_k(query: np.ndarray, gallery: np.ndarray, k: int, metric: str = "cosine"
           exclude_self: bool = False, index: IvfParams | HnswParams | None = None) -> np.ndarray:
     """Indices (Q, k) int64 of the k nearest gallery rows for each query row, best first.
 
-    exclude_self: query and gallery are the same set; row i never retrieves gallery row i.
+    exclude_self: the queries are the gallery's first rows (often the whole gallery); query row i
+        never retrieves gallery row i.
     index: None searches exactly; IvfParams or HnswParams build that FAISS index on the
     gallery and search it.
     """
@@ -46,8 +47,8 @@ def top_k(query: np.ndarray, gallery: np.ndarray, k: int, metric: str = "cosine"
     if query.shape[1] != gallery.shape[1]:
         raise ClipcoreError(f"query vectors have {query.shape[1]} dimensions but gallery vectors "
                             f"{gallery.shape[1]}: they must come from the same model")
-    if exclude_self and len(query) != len(gallery):
-        raise ClipcoreError(f"exclude_self needs the query set to be the gallery, got "
+    if exclude_self and len(query) > len(gallery):
+        raise ClipcoreError(f"exclude_self needs the queries to be the gallery's first rows, got "
                             f"{len(query)} queries and {len(gallery)} gallery vectors")
     available = len(gallery) - int(exclude_self)
     if not 1 <= k <= available:

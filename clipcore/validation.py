@@ -36,10 +36,8 @@ def validation_metrics(val: np.ndarray, val_labels: np.ndarray, k: int,
     if not matched.any():
         return result
     ranks = min(max(k, 10), len(gallery) - 1)  # top-10 feeds the score even when k is smaller
-    queries = np.flatnonzero(matched)
-    found = top_k(val[queries], gallery, ranks + 1, metric="cosine")
-    # Query i is gallery row i: drop it, keep the best `ranks` others.
-    others = np.array([row[row != i][:ranks] for i, row in zip(queries, found)])
-    result.update(retrieval_metrics(val_labels[queries], gallery_labels[others],
-                                    n_relevant=positives[queries], k=k))
+    # The val images are the gallery's first rows: none retrieves itself.
+    found = top_k(val, gallery, ranks, metric="cosine", exclude_self=True)[matched]
+    result.update(retrieval_metrics(val_labels[matched], gallery_labels[found],
+                                    n_relevant=positives[matched], k=k))
     return result
