@@ -82,8 +82,8 @@ def train(params: Params, data_root: Path, prepared: Path = paths.PREPARED,
 
 
 class Trainer:
-    """One training run: the model, text targets, optimizer and schedule, the data, and (with a
-    frozen backbone) the stored backbone features."""
+    """One training run: the model, text targets, optimizer and schedule, the data, and the
+    backbone features of the backbone as it is now (for the whole run when frozen)."""
 
     def __init__(self, params: Params, data_root: Path, prepared: Path):
         self.params = params
@@ -115,15 +115,15 @@ class Trainer:
         self.val_order = torch.randperm(len(self.val_split.paths),
                                         generator=torch.Generator().manual_seed(params.seed))
         self.feature_cache: dict[str, torch.Tensor] = {}
+        self.feature_step = 0  # the optimizer step the cached features were computed at
         self._start_from_base_features(params)
 
     def _start_from_base_features(self, params: Params) -> None:
         """Standardise the head's input and place the class targets, from the base model's
-        features of the training images (stored anyway when frozen; one pass when not)."""
+        features of the training images (the ones epoch 0's validation uses too)."""
         if not (params.train.standardize_features or params.loss.target_init == "class_mean"):
             return
-        features = (self.features("train", self.train_split) if self.frozen
-                    else self._backbone_features(self.train_split, "base train features"))
+        features = self.features("train", self.train_split)
         if params.train.standardize_features:
             self.model.head.set_feature_stats(features)
         if params.loss.target_init == "class_mean":
@@ -199,9 +199,7 @@ class Trainer:
         return row
 
     def _embed(self, name: str, split: Split) -> torch.Tensor:
-        features = (self.features(name, split) if self.frozen
-                    else self._backbone_features(split, f"{name} features"))
-        return self.model.embed_features(features).float()
+        return self.model.embed_features(self.features(name, split)).float()
 
     def _val_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> float:
         total = 0.0
@@ -212,7 +210,12 @@ class Trainer:
         return total / len(labels)
 
     def features(self, name: str, split: Split) -> torch.Tensor:
-        """A split's backbone features, computed on first use and kept (frozen backbone only)."""
+        """A split's backbone features as the backbone is now, computed on first use and kept
+        while it stays so: for the whole run when frozen; when it trains, until the next
+        optimizer step (the start of training and epoch 0's validation share one pass)."""
+        step = 0 if self.frozen else self.scheduler.last_epoch
+        if step != self.feature_step:
+            self.feature_cache, self.feature_step = {}, step
         if name not in self.feature_cache:
             self.feature_cache[name] = self._backbone_features(split, f"{name} features")
         return self.feature_cache[name]
