@@ -39,7 +39,7 @@ from clipcore.params import Params, TrainParams
 from clipcore.resume import (TRAIN_FORMAT, check_compatible, newest_checkpoint, restore_rng,
                              rng_state, run_settings)
 from clipcore.sampling import make_batches
-from clipcore.validation import validation_metrics
+from clipcore.validation import train_joins_gallery, validation_metrics
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "top1", "top5", "top10", "score",
                   "precision_at_k", "map_at_k", "val_queries", "val_unmatched", "lr", "seconds",
@@ -187,12 +187,11 @@ class Trainer:
             embeddings = self._embed("val", self.val_split)
             labels = self.val_split.labels
             row["val_loss"] = self._val_loss(embeddings, labels)
-            # Training images join the gallery only when they share classes with val.
+            val_labels, train_labels = labels.cpu().numpy(), self.train_split.labels.cpu().numpy()
             train = (self._embed("train", self.train_split).cpu().numpy()
-                     if torch.isin(labels, self.train_split.labels).any() else None)
-            measures = validation_metrics(
-                embeddings.cpu().numpy(), labels.cpu().numpy(), self.params.train.val_top_k,
-                train, self.train_split.labels.cpu().numpy())
+                     if train_joins_gallery(val_labels, train_labels) else None)
+            measures = validation_metrics(embeddings.cpu().numpy(), val_labels,
+                                          self.params.train.val_top_k, train, train_labels)
             row.update({key: float(measures[key]) for key in VALIDATION_COLUMNS
                         if key in measures})
         row["seconds"] = time.perf_counter() - started

@@ -17,6 +17,12 @@ from clipcore.measures import retrieval_metrics
 from clipcore.search import top_k
 
 
+def train_joins_gallery(val_labels, train_labels) -> bool:
+    """Whether the training images join the val gallery: they share classes with val (the
+    image split; under the class split they don't)."""
+    return bool(len(train_labels)) and bool(np.isin(val_labels, train_labels).any())
+
+
 def validation_metrics(val: np.ndarray, val_labels: np.ndarray, k: int,
                        train: np.ndarray | None = None,
                        train_labels: np.ndarray | None = None) -> dict:
@@ -25,7 +31,7 @@ def validation_metrics(val: np.ndarray, val_labels: np.ndarray, k: int,
     training images' embeddings and labels, joining the gallery when they share val classes."""
     val_labels = np.asarray(val_labels)
     gallery, gallery_labels = val, val_labels
-    if train is not None and len(train) and np.isin(val_labels, train_labels).any():
+    if train is not None and train_joins_gallery(val_labels, train_labels):
         gallery = np.concatenate([val, train])
         gallery_labels = np.concatenate([val_labels, np.asarray(train_labels)])
     classes, counts = np.unique(gallery_labels, return_counts=True)
