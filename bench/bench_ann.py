@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clipcore import ann  # noqa: E402
 from clipcore.params import HnswParams, IvfParams  # noqa: E402
-from clipcore.search import ranked_by_index, top_k  # noqa: E402
+from clipcore.search import ranked_by_index, top_k, unit_rows  # noqa: E402
 
 K = 10
 RECALL_GOAL = 0.95
@@ -91,19 +91,12 @@ def made(args, spread: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 def loaded(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """An embed stage file's query and gallery, L2-normalised as cosine search sees them."""
     with np.load(path) as data:
-        query, gallery = (np.ascontiguousarray(data[s], dtype=np.float32)
-                          for s in ("query", "gallery"))
-    for vectors in (query, gallery):
-        faiss.normalize_L2(vectors)
-    return query, gallery
+        return unit_rows(data["query"]), unit_rows(data["gallery"])
 
 
-def csv_ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
-
-
-def csv_floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v]
+def csv_of(kind):
+    """An argparse type: a comma-separated list of `kind` ("" gives an empty list)."""
+    return lambda text: [kind(v) for v in text.split(",") if v]
 
 
 def compare(query: np.ndarray, gallery: np.ndarray, args, labels=None) -> list[str]:
@@ -113,8 +106,11 @@ def compare(query: np.ndarray, gallery: np.ndarray, args, labels=None) -> list[s
     nearest = (query * gallery[exact[:, 0]]).sum(1).mean()
     tenth = (query * gallery[exact[:, -1]]).sum(1).mean()
     random_pairs = (query[:100] @ gallery[:1000].T).mean()
-    purity = ("" if labels is None else
-              f"class purity of the exact top-{K} {(labels[1][exact] == labels[0][:, None]).mean():.2f}; ")
+    purity = ""
+    if labels is not None:
+        query_labels, gallery_labels = labels
+        share = (gallery_labels[exact] == query_labels[:, None]).mean()
+        purity = f"class purity of the exact top-{K} {share:.2f}; "
     print(f"{purity}neighbour cosines: 1st {nearest:.2f}, 10th {tenth:.2f}, random pairs "
           f"{random_pairs:.2f}")
 
@@ -165,16 +161,16 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--per-cluster", type=int, default=50, help="vectors per class")
-    parser.add_argument("--spreads", type=csv_floats, default=[0.7, 1.0],
+    parser.add_argument("--spreads", type=csv_of(float), default=[0.7, 1.0],
                         help="within-class spreads, one gallery each")
     parser.add_argument("--decay", type=float, default=0.5, help="dimension i has scale i^-decay")
     parser.add_argument("--nlist", type=int, default=0, help="IVF lists; 0: as retrieve chooses")
-    parser.add_argument("--nprobe", type=csv_ints, default=[16, 64, 256],
+    parser.add_argument("--nprobe", type=csv_of(int), default=[16, 64, 256],
                         help="IVF sweep; empty: skip IVF")
     parser.add_argument("--m", type=int, default=32)
-    parser.add_argument("--ef-construction", type=csv_ints, default=[40, 200],
+    parser.add_argument("--ef-construction", type=csv_of(int), default=[40, 200],
                         help="one HNSW graph each")
-    parser.add_argument("--ef-search", type=csv_ints, default=[16, 32, 64, 128, 256],
+    parser.add_argument("--ef-search", type=csv_of(int), default=[16, 32, 64, 128, 256],
                         help="HNSW sweep; empty: skip HNSW")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="FAISS OpenMP threads, the same for every method")

@@ -20,6 +20,7 @@ import numpy as np
 
 from clipcore.errors import ClipcoreError
 from clipcore.params import RetrieveParams
+from clipcore.search import unit_rows
 
 # (query, gallery, k) -> (Q, k) gallery indices, best first: the stage's search.
 Search = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
@@ -47,7 +48,7 @@ def expand_queries(query: np.ndarray, gallery: np.ndarray, k: int, alpha: float,
                    search: Search) -> np.ndarray:
     """alpha-QE: each query plus its k nearest gallery vectors weighted by similarity^alpha
     (alpha 0: the plain average, AQE), renormalised."""
-    return _expanded(_unit(query), _unit(gallery), search(query, gallery, k), alpha)
+    return _expanded(unit_rows(query), unit_rows(gallery), search(query, gallery, k), alpha)
 
 
 def augment_database(gallery: np.ndarray, k: int, alpha: float, search: Search) -> np.ndarray:
@@ -56,8 +57,8 @@ def augment_database(gallery: np.ndarray, k: int, alpha: float, search: Search) 
     # k + 1: a vector's first neighbour is itself (or an exact duplicate of it), which then
     # gets weight 1, as the query does in QE.
     neighbours = search(gallery, gallery, k + 1)
-    unit = _unit(gallery)
-    return _normalised((_weights(unit, unit, neighbours, alpha)[..., None]
+    unit = unit_rows(gallery)
+    return unit_rows((_weights(unit, unit, neighbours, alpha)[..., None]
                         * unit[neighbours]).sum(axis=1))
 
 
@@ -68,7 +69,7 @@ def k_reciprocal_distances(query: np.ndarray, gallery: np.ndarray, k1: int, k2: 
     n_query = len(query)
     vectors = np.concatenate([query, gallery]).astype(np.float32)
     if metric == "cosine":
-        vectors = _unit(vectors)
+        vectors = unit_rows(vectors)
     squared = (vectors * vectors).sum(axis=1)
     distance = np.maximum(squared[:, None] + squared[None, :] - 2 * vectors @ vectors.T, 0)
     # Each row scaled by its largest distance (the authors' normalisation).
@@ -134,7 +135,7 @@ def _expanded(query: np.ndarray, gallery: np.ndarray, neighbours: np.ndarray,
     """Each query row (weight 1) plus its neighbours weighted by similarity^alpha, renormalised."""
     weighted = (_weights(query, gallery, neighbours, alpha)[..., None]
                 * gallery[neighbours]).sum(axis=1)
-    return _normalised(query + weighted)
+    return unit_rows(query + weighted)
 
 
 def _weights(query: np.ndarray, gallery: np.ndarray, neighbours: np.ndarray,
@@ -142,15 +143,6 @@ def _weights(query: np.ndarray, gallery: np.ndarray, neighbours: np.ndarray,
     similarity = np.einsum("qd,qkd->qk", query, gallery[neighbours])
     # Negative similarities count as 0 (alpha-QE's convention); 0^0 = 1 makes alpha 0 AQE.
     return np.power(np.maximum(similarity, 0), alpha)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return _normalised(np.asarray(x, dtype=np.float32))
-
-
-def _normalised(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
 
 
 def _check_sizes(params: RetrieveParams, n_all: int, n_gallery: int) -> None:

@@ -55,7 +55,7 @@ def top_k(query: np.ndarray, gallery: np.ndarray, k: int, metric: str = "cosine"
         raise ClipcoreError(f"retrieve.top_k={k} must be between 1 and the gallery size "
                             f"({available} images{' besides the query' if exclude_self else ''})")
     if metric == "cosine":
-        query, gallery = _normalised(query), _normalised(gallery)
+        query, gallery = unit_rows(query), unit_rows(gallery)
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     # Higher is better for both: inner products as they are, squared distances negated.
     sign = 1.0 if metric == "cosine" else -1.0
@@ -151,7 +151,10 @@ def _checked(vectors: np.ndarray, name: str) -> np.ndarray:
     return vectors
 
 
-def _normalised(x: np.ndarray) -> np.ndarray:
-    x = x.copy()  # normalize_L2 works in place; the caller's array stays as it was
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """A float32 copy of `x` with every row scaled to length 1 (a zero row stays zero): the
+    vectors cosine search compares."""
+    # A copy: normalize_L2 works in place and the caller's array stays as it was.
+    x = np.array(x, dtype=np.float32, order="C")
     faiss.normalize_L2(x)
     return x
