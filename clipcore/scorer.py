@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,10 +21,11 @@ from pathlib import Path
 from clipcore import paths
 from clipcore.errors import ClipcoreError
 from clipcore.manifests import read_labels_table
-from clipcore.measures import metrics_for_names
+from clipcore.measures import SCORE_WEIGHTS, metrics_for_names
 from clipcore.stage import run_stage
 
 COMPETITION_TOP_K = 10  # the competition scores ten gallery names per query
+MAX_ACCURACY = sum(SCORE_WEIGHTS.values())  # every query's first name right
 SHOWN_NAMES = 3         # names quoted in a reason before "and N more"
 
 
@@ -105,6 +107,12 @@ def score_ranking(ranking: dict, labels: GroundTruth, top_k: int = COMPETITION_T
     if len(scores) == 1:
         return scores.popitem()[1]
     return sum(scores[n] * len(part) for n, part in by_length.items()) / len(ranking)
+
+
+def is_score(value: object) -> bool:
+    """Whether a number can be a competition score (NaN, 1e9 or -5 can't)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and 0 <= value <= MAX_ACCURACY)
 
 
 def _some(names: list[str]) -> str:

@@ -1,70 +1,56 @@
 """Submitting every epoch's retrieval results: to the competition server, or scored locally.
 
-With `submit.url` set, each results file is POSTed as `{"groupname": ..., "images": ranking}`
-and the server's `accuracy` (older editions: `results`) is recorded. Connection failures,
-timeouts and 5xx answers are retried with doubling backoff; a 4xx is the server refusing this
-submission, so it is reported, not retried. With no url, the ranking is scored here with the
-known test labels by the same rules as `clipcore.scorer`, so the number is the one a server
-with those labels would give.
+With `submit.url` set, each distinct ranking is POSTed once as `{"groupname": ..., "images":
+ranking}` (clipcore.posting) and what the server answered goes into the history
+(clipcore.history). Epochs that rank alike (WiSE-FT at alpha 0 ranks every epoch as epoch 0)
+share that one post; a ranking this server already scored for the group in an earlier run, or
+whose request may have reached it unanswered, is not sent again unless `submit.force` is set (a
+real server may count every post). An answer that comes after the timeout is still recorded:
+the stage waits one more `submit.timeout` for it at the end. With no url, the ranking is scored
+here with the known test labels by the same rules as `clipcore.scorer`, so the number is the
+one a server with those labels would give.
 
-Nothing is lost: every answer a server gives (or the failure to get one) is appended to a history
-file that is never rewritten; results the same server already scored for the same group are not
-posted again unless `submit.force` is set (a real server may count every post). The CSV and
-metrics describe the current results files and are rewritten (atomically) after every epoch;
-the epochs that failed are named at the end.
+The CSV and metrics describe the current results files and are rewritten (atomically) after
+every epoch; the epochs that failed are named at the end.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import hashlib
-import io
 import json
 import os
-import re
-import sys
-import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as Deadline
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Mapping
 
 import pandas as pd
-import requests
 
 from clipcore.errors import ClipcoreError
 from clipcore.files import write_text_atomic
+from clipcore.history import ANSWERED, ANSWERED_LATE, UNANSWERED, History, ranking_digest
 from clipcore.manifests import labels_by_name, read_manifest
 from clipcore.params import SubmitParams
 from clipcore.paths import epoch_files, epoch_of
+from clipcore.posting import FORCE_HINT, SubmitFailed, Unanswered, post_ranking, read_answer
 from clipcore.scorer import COMPETITION_TOP_K, GroundTruth, InvalidSubmission, score_ranking
 
 GROUPNAME_VARIABLE = "CLIPCORE_GROUPNAME"
 LOCAL = "local"
 CSV_COLUMNS = ["epoch", "accuracy", "source", "status", "submitted_at", "attempts"]
 REUSED = "ok (earlier answer, not posted again; submit.force posts it)"
-HISTORY_COLUMNS = ["submitted_at", "epoch", "accuracy", "source", "groupname", "status",
-                   "attempts", "ranking_sha256"]
 RESULTS_PATTERN = "retrieval_results_epoch_*.json"
-MESSAGE_CHARS = 200  # how much of a server's error text a status keeps
 
 Scorer = Callable[[dict], tuple[float, int]]  # ranking -> (accuracy, attempts)
-
-
-class SubmitFailed(ClipcoreError):
-    """One submission could not be scored; `attempts` requests were made."""
-
-    def __init__(self, message: str, attempts: int):
-        super().__init__(message)
-        self.attempts = attempts
 
 
 @dataclass(frozen=True)
 class Outcome:
     epoch: int
     accuracy: float | None  # None: failed, or not scored (no labels and no server)
-    status: str             # "ok", REUSED, "not scored: ..." or the error
+    status: str             # ANSWERED, a reuse, "not scored: ..." or the error
     attempts: int           # HTTP requests made (0 when scored locally)
     failed: bool
     submitted_at: str = ""     # ISO time, UTC
@@ -75,82 +61,6 @@ def group_name(configured: str, environ: Mapping[str, str] = os.environ) -> str:
     """The group name to submit under: CLIPCORE_GROUPNAME when set, else submit.groupname.
     The variable wins so a name can stay out of params.yaml and each teammate can use theirs."""
     return environ.get(GROUPNAME_VARIABLE, "").strip() or configured.strip()
-
-
-def post_ranking(url: str, groupname: str, ranking: dict, timeout: float, retries: int,
-                 backoff: float) -> tuple[float, int]:
-    """POST one ranking; (accuracy, attempts). SubmitFailed once retries are spent or at once
-    on a 4xx or an answer without an accuracy."""
-    body = {"groupname": groupname, "images": ranking}
-    for attempt in range(1, retries + 2):
-        try:
-            response = _post_within(url, body, timeout)
-        except requests.Timeout:
-            problem = f"no complete answer from {url} within {timeout:g} s"
-        except requests.ConnectionError as exc:
-            problem = f"cannot connect to {url} ({_reason(exc)})"
-        except requests.RequestException as exc:  # a bad url, say: retrying will not help
-            raise SubmitFailed(f"cannot post to {url} ({_reason(exc)})", attempt) from None
-        else:
-            if response.status_code < 400:
-                return _accuracy(response, attempt), attempt
-            problem = (f"HTTP {response.status_code} {response.reason} from {url}: "
-                       f"{_first_line(response.text)}")
-            if response.status_code < 500:  # the server refuses this submission
-                raise SubmitFailed(problem, attempt)
-        if attempt <= retries:
-            delay = backoff * 2 ** (attempt - 1)
-            print(f"  {problem}; retry {attempt} of {retries} in {delay:g} s", flush=True)
-            time.sleep(delay)
-    raise SubmitFailed(f"{problem} (gave up after {attempt} attempts)", attempt)
-
-
-def _post_within(url: str, body: dict, timeout: float) -> requests.Response:
-    """requests.post with `timeout` bounding the whole request. requests' own timeout bounds
-    each socket read, so a server sending a byte now and then could hold a request for ever.
-    The request runs in a daemon thread that is left behind (to finish or time out on its
-    own) when the deadline passes."""
-    done: dict = {}
-
-    def send() -> None:
-        try:
-            done["response"] = requests.post(url, json=body, timeout=timeout)
-        except Exception as exc:  # handed to the caller's thread
-            done["error"] = exc
-
-    worker = threading.Thread(target=send, name="submit-post", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        raise requests.Timeout(f"no complete answer within {timeout:g} s")
-    if "error" in done:
-        raise done["error"]
-    return done["response"]
-
-
-def _accuracy(response: requests.Response, attempt: int) -> float:
-    try:
-        data = response.json()
-    except ValueError:
-        raise SubmitFailed(f"answer from {response.url} is not JSON: "
-                           f"{_first_line(response.text)}", attempt) from None
-    value = data.get("accuracy", data.get("results")) if isinstance(data, dict) else None
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise SubmitFailed(f"answer from {response.url} holds no accuracy (nor results) "
-                           f"number: {_first_line(response.text)}", attempt)
-    return float(value)
-
-
-def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else "(empty body)"
-    return line if len(line) <= MESSAGE_CHARS else line[:MESSAGE_CHARS] + "..."
-
-
-def _reason(exc: Exception) -> str:
-    """The OS-level cause buried in a requests exception ("[Errno 111] Connection refused")."""
-    text = str(exc)
-    found = re.search(r"\[Errno -?\d+\][^'\"()]*", text)
-    return found.group(0).strip() if found else _first_line(text)
 
 
 def read_ranking(path: Path) -> dict[str, list[str]]:
@@ -186,31 +96,17 @@ def submit_all(submit: SubmitParams, results: Path, prepared: Path, csv_path: Pa
     if not files:
         raise ClipcoreError(f"{results}: no {RESULTS_PATTERN} files (run `dvc repro retrieve`)")
     source, groupname, scorer = _scorer(submit, prepared, environ)
-    append_history(history_path, [])  # an output DVC expects, even when no server is asked
-    # Answers this server already gave this group, by the digest of the ranking sent.
-    earlier = {} if source == LOCAL or submit.force else {
-        entry["ranking_sha256"]: entry for entry in read_history(history_path)
-        if entry.get("status") == "ok" and entry.get("source") == source
-        and entry.get("groupname") == groupname}
-    outcomes, rows = [], []
+    run = _Run(source, scorer, History(history_path, source, groupname, submit.force),
+               csv_path, metrics_path)
     for path in files:
-        outcome = _submit_one(path, scorer, earlier)
-        if outcome.attempts and outcome.status != REUSED:  # the server was asked just now
-            append_history(history_path, [{"source": source, "groupname": groupname,
-                                           **dataclasses.asdict(outcome)}])
-        outcomes.append(outcome)
-        rows.append({"epoch": outcome.epoch, "accuracy": outcome.accuracy, "source": source,
-                     "status": outcome.status, "submitted_at": outcome.submitted_at,
-                     "attempts": outcome.attempts})
-        write_text_atomic(csv_path, pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(
-            index=False, lineterminator="\n"))
-        write_text_atomic(metrics_path, json.dumps(_metrics(outcomes), indent=2) + "\n")
-        print(f"epoch {outcome.epoch}: {_summary(outcome, source)}", flush=True)
-    failed = [outcome for outcome in outcomes if outcome.failed]
+        run.add(path)
+        run.collect_late_answers(wait=0.0)
+    run.collect_late_answers(wait=submit.timeout)
+    failed = [outcome for outcome in run.outcomes if outcome.failed]
     if failed:
         raise ClipcoreError(f"failed epochs: {', '.join(str(o.epoch) for o in failed)} (first: "
                             f"{failed[0].status}); every epoch's status is in {csv_path}")
-    return outcomes
+    return run.outcomes
 
 
 def _scorer(submit: SubmitParams, prepared: Path,
@@ -235,79 +131,121 @@ def _scorer(submit: SubmitParams, prepared: Path,
     return LOCAL, "", lambda ranking: (score_ranking(ranking, labels), 0)
 
 
-def _submit_one(path: Path, scorer: Scorer | None, earlier: dict[str, dict]) -> Outcome:
-    """One epoch's outcome: the earlier answer to the same ranking, else a new one."""
-    epoch, now = epoch_of(path), _now()
-    try:
-        # retrieve.top_k may exceed what the competition takes: it scores the first ten.
-        ranking = {query: names[:COMPETITION_TOP_K] for query, names in read_ranking(path).items()}
+class _Run:
+    """One run's outcomes, epoch by epoch: each ranking asked once, the requests still out."""
+
+    def __init__(self, source: str, scorer: Scorer | None, history: History, csv_path: Path,
+                 metrics_path: Path):
+        self.source, self.scorer, self.history = source, scorer, history
+        self.csv_path, self.metrics_path = csv_path, metrics_path
+        self.outcomes: list[Outcome] = []
+        self.asked: dict[str, Outcome] = {}    # the server's outcome of each ranking, by digest
+        self.pending: dict[str, Future] = {}   # requests an answer may still come to, by digest
+
+    def add(self, path: Path) -> None:
+        """Submit (or score) one epoch's results file, then write the tables."""
+        outcome = self._outcome(path)
+        self.outcomes.append(outcome)
+        self._write()
+        print(f"epoch {outcome.epoch}: {_summary(outcome, self.source)}", flush=True)
+
+    def _outcome(self, path: Path) -> Outcome:
+        epoch = epoch_of(path)
+        try:
+            # retrieve.top_k may exceed what the competition takes: it scores the first ten.
+            ranking = {query: names[:COMPETITION_TOP_K]
+                       for query, names in read_ranking(path).items()}
+        except ClipcoreError as exc:
+            return Outcome(epoch, None, str(exc), 0, failed=True, submitted_at=_now())
         digest = ranking_digest(ranking)
-        if digest in earlier:
-            answer = earlier[digest]
-            return Outcome(epoch, answer["accuracy"], REUSED, answer["attempts"], failed=False,
-                           submitted_at=answer["submitted_at"], ranking_sha256=digest)
-        if scorer is None:
+        if self.source == LOCAL:
+            return self._ask(path, epoch, ranking, digest)
+        if digest in self.asked:
+            return _same_as(self.asked[digest], epoch)
+        self.asked[digest] = self._ask(path, epoch, ranking, digest)
+        return self.asked[digest]
+
+    def _ask(self, path: Path, epoch: int, ranking: dict, digest: str) -> Outcome:
+        """The history's answer to this ranking, else the scorer's, recorded in the history."""
+        earlier = self.history.answer(digest)
+        if earlier:
+            return Outcome(epoch, earlier["accuracy"], REUSED, earlier["attempts"], False,
+                           earlier["submitted_at"], digest)
+        sent = self.history.unanswered(digest)
+        if sent:
+            return Outcome(epoch, None, f"not sent again: the request of {sent['submitted_at']} "
+                           f"(epoch {sent['epoch']}) got no answer and may have reached the "
+                           f"server ({FORCE_HINT})", 0, True, _now(), digest)
+        now = _now()
+        if self.scorer is None:
             return Outcome(epoch, None, "not scored: test labels unknown", 0, False, now, digest)
-        accuracy, attempts = scorer(ranking)
-    except SubmitFailed as exc:
-        return Outcome(epoch, None, str(exc), exc.attempts, True, now, digest)
-    except InvalidSubmission as exc:  # what the scorer would answer with a 400
-        return Outcome(epoch, None, f"local scoring refused {path}: {exc}", 0, True, now, digest)
-    except ClipcoreError as exc:
-        return Outcome(epoch, None, str(exc), 0, failed=True, submitted_at=now)
-    return Outcome(epoch, accuracy, "ok", attempts, False, now, digest)
+        try:
+            accuracy, attempts = self.scorer(ranking)
+        except SubmitFailed as exc:
+            outcome = Outcome(epoch, None, str(exc), exc.attempts, True, now, digest)
+            if isinstance(exc, Unanswered) and exc.request:
+                self.pending[digest] = exc.request
+        except InvalidSubmission as exc:  # what the scorer would answer with a 400
+            return Outcome(epoch, None, f"local scoring refused {path}: {exc}", 0, True, now,
+                           digest)
+        except KeyboardInterrupt:  # the request may be out: a rerun must not send it unasked
+            if self.source != LOCAL:
+                self.history.record(dataclasses.asdict(Outcome(
+                    epoch, None, f"{UNANSWERED} from {self.source}: interrupted while waiting",
+                    1, True, now, digest)))
+            raise
+        else:
+            outcome = Outcome(epoch, accuracy, ANSWERED, attempts, False, now, digest)
+        if outcome.attempts:  # a server was asked
+            self.history.record(dataclasses.asdict(outcome))
+        return outcome
 
-
-def ranking_digest(ranking: dict) -> str:
-    """sha256 of a ranking, whatever the order of its queries."""
-    text = json.dumps(ranking, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def read_history(path: Path) -> list[dict]:
-    """Every entry of a submission history, typed; a row cut short by a crash is skipped with
-    a warning."""
-    if not Path(path).is_file():
-        return []
-    entries = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
+    def collect_late_answers(self, wait: float) -> None:
+        """Record the answers that came after the timeout, waiting up to `wait` seconds in all
+        for those still out."""
+        if wait and self.pending:
+            epochs = ", ".join(str(self.asked[digest].epoch) for digest in self.pending)
+            print(f"waiting up to {wait:g} s for late answers (epochs {epochs})", flush=True)
+        deadline = time.monotonic() + wait
+        for digest, request in list(self.pending.items()):
             try:
-                if None in row or None in row.values():  # too many or too few fields
-                    raise ValueError
-                entries.append({**row, "epoch": int(row["epoch"]),
-                                "accuracy": float(row["accuracy"]) if row["accuracy"] else None,
-                                "attempts": int(row["attempts"])})
-            except ValueError:
-                print(f"warning: {path}: line {reader.line_num} is not a history entry, "
-                      f"ignored", file=sys.stderr)
-    return entries
+                error = request.exception(max(0.0, deadline - time.monotonic()))
+            except Deadline:
+                continue
+            del self.pending[digest]
+            if error is None:
+                self._record_late(digest, request.result())
+
+    def _record_late(self, digest: str, response) -> None:
+        first = self.asked[digest]
+        try:
+            late = dataclasses.replace(first, accuracy=read_answer(response, first.attempts),
+                                       status=ANSWERED_LATE, failed=False)
+        except SubmitFailed as exc:
+            late = dataclasses.replace(first, status=f"late answer: {exc}")
+        self.history.record(dataclasses.asdict(late))
+        self.asked[digest] = late
+        self.outcomes = [late if o.epoch == first.epoch else
+                         _same_as(late, o.epoch) if o.ranking_sha256 == digest else o
+                         for o in self.outcomes]
+        self._write()
+        print(f"epoch {late.epoch}: late answer: {_summary(late, self.source)}", flush=True)
+
+    def _write(self) -> None:
+        rows = [{"epoch": o.epoch, "accuracy": o.accuracy, "source": self.source,
+                 "status": o.status, "submitted_at": o.submitted_at, "attempts": o.attempts}
+                for o in self.outcomes]
+        write_text_atomic(self.csv_path, pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(
+            index=False, lineterminator="\n"))
+        write_text_atomic(self.metrics_path, json.dumps(_metrics(self.outcomes), indent=2)
+                          + "\n")
 
 
-def append_history(path: Path, entries: list[dict]) -> None:
-    """Add rows to the history (the header first when it is new), never rewriting what is
-    there; on disk before returning."""
-    path = Path(path)
-    lines = io.StringIO()
-    writer = csv.writer(lines, lineterminator="\n")
-    for entry in entries:
-        writer.writerow(["" if entry[c] is None else entry[c] for c in HISTORY_COLUMNS])
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+b") as f:  # writes go to the end, whatever the position
-            size = f.seek(0, os.SEEK_END)
-            if not size:
-                f.write((",".join(HISTORY_COLUMNS) + "\n").encode("utf-8"))
-            else:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":  # a row cut short by a crash
-                    f.write(b"\n")
-            f.write(lines.getvalue().encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        raise ClipcoreError(f"{path}: cannot append ({exc.strerror or exc})") from None
+def _same_as(first: Outcome, epoch: int) -> Outcome:
+    """An epoch whose ranking an earlier epoch of this run sent: that epoch's outcome, marked."""
+    note = f"same ranking as epoch {first.epoch}, not posted again"
+    status = f"{note}: {first.status}" if first.failed else f"ok ({note})"
+    return dataclasses.replace(first, epoch=epoch, status=status)
 
 
 def _now() -> str:
@@ -320,8 +258,10 @@ def _summary(outcome: Outcome, source: str) -> str:
     if outcome.status == REUSED:
         return (f"accuracy {outcome.accuracy:.2f} ({source} answered {outcome.submitted_at}; "
                 f"same ranking, not posted again)")
-    retried = f", {outcome.attempts} attempts" if outcome.attempts > 1 else ""
-    return f"accuracy {outcome.accuracy:.2f} ({source}{retried})"
+    if outcome.status == ANSWERED:
+        retried = f", {outcome.attempts} attempts" if outcome.attempts > 1 else ""
+        return f"accuracy {outcome.accuracy:.2f} ({source}{retried})"
+    return f"accuracy {outcome.accuracy:.2f}, {outcome.status}"
 
 
 def _metrics(outcomes: list[Outcome]) -> dict:
