@@ -1,45 +1,60 @@
-"""What fine-tuning gains over the untouched model, measured through the real pipeline.
+"""What fine-tuning gains over the untouched base, measured through the real pipeline, with
+epochs picked by validation, several seeds and 95% confidence intervals.
 
-No hub weights can be had here, so the bench makes a pretrained base the way CLIP is made:
-the tiny open_clip model (clipcore/model_configs/tiny.json) is trained CLIP-style, both towers,
-on images and captions of the digits 0-4, and saved as a local weights file. Then, exactly as a
-user does with OpenAI's weights, `model.pretrained: <that file>` is fine-tuned by the pipeline's
-own code (prepare -> train -> embed -> retrieve) on the digits 5-9, classes the base never saw,
-and scored on their query/gallery split. In one run it prints, on the same split:
+No hub weights can be had here, so the bench makes a pretrained base as CLIP was made: elsewhere.
+The tiny open_clip model's image tower is trained (a normalised-softmax proxy loss) on identities
+the fine-tuning never sees, and saved as a local weights file; then, as a user does with OpenAI's
+weights, `model.pretrained: <that file>` is fine-tuned by the pipeline's own code (prepare ->
+train -> embed -> retrieve). Two domains:
 
-- raw-pixel kNN (cosine on the pixels),
-- epoch 0: the untouched base (zero-shot transfer),
-- the seed's recipe: plain CLIP loss (same-class pairs as negatives), frozen caption targets,
-  raw features into the head, head lr 1e-4 (backbone 1e-6), wd 1e-4, dropout 0.3, no warmup,
-- the previous defaults of this project (raw features into the head, caption-initialised
-  targets, head lr 1e-3, backbone 1e-5, 5 epochs), on today's code,
-- this project's default (params.yaml),
+- generated (clipcore/domain.py, competition-shaped): identities of coloured shapes, 5 training
+  images each in two renderings; photo-like queries against render-like gallery images.
+  Base: 800 identities. Fine-tuning: 240 identities, 15% of them held out for validation
+  (data.val_split class). Open set: 300 identities in neither (600 queries); closed set: new
+  images of the trained identities (3 queries, 2 gallery each).
+- digits (clipcore/demo.py): base on digits 0-3; fine-tuning on 4-6 (data.val_split image);
+  open set 7-9; closed set: the held-out images of 4-6. Few classes: their intervals say so.
 
-each frozen and unfrozen: epoch 0, the best epoch's test score and top-1/5/10, the last epoch,
-and the epoch the val metrics pick. `--demo` adds the same for the tiny random-init model on the
-demo data (all ten digits), the smoke run of the README.
+A seed draws the split (which identities train, which are tested; the digits' images), the
+initialisation and the batch order; the base and the generated world stay fixed. Each row is
+a mean over seeds with a Student-t 95% interval. The headline is the test score at the epoch a
+validation protocol picks; best-on-test is printed only as an upper bound. Validation protocols:
 
-    python bench/bench_accuracy.py [--epochs N] [--demo] [--out /tmp/bench_accuracy]
+- `class-mixed`: the trainer's own (held-out identities query each other, both renderings);
+- `photo->render`: the same held-out identities, photo queries against render gallery, the way
+  the test is drawn (renderings told by the training files' names);
+- `image`: the trainer's own under the image split (digits).
+
+The bench also reports how well each protocol ranks the test (Spearman's rho of val and test
+score over every epoch of every run, pooled, and the mean of the per-run rhos).
+
+    python bench/bench_accuracy.py [--seeds 5] [--epochs N] [--quick] [--out /tmp/bench_accuracy]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import functools
+import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
+from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipcore.demo import write_demo  # noqa: E402
+from clipcore.domain import GALLERY_RENDERING, QUERY_RENDERING, rendering_of, write_domain  # noqa: E402
 from clipcore.embedding import embed_all  # noqa: E402
-from clipcore.loss import RetrievalClipLoss  # noqa: E402
-from clipcore.manifests import caption, prepare, read_manifest  # noqa: E402
+from clipcore.manifests import prepare, read_manifest  # noqa: E402
 from clipcore.measures import metrics_for_indices  # noqa: E402
 from clipcore.model import build_model  # noqa: E402
 from clipcore.params import Params, parse_params  # noqa: E402
@@ -47,24 +62,46 @@ from clipcore.retrieval import retrieve_all  # noqa: E402
 from clipcore.search import top_k  # noqa: E402
 from clipcore.training import train  # noqa: E402
 
+try:  # the seed's recipe as params overrides (issue 16 item 1)
+    from clipcore.recipes import SEED_RECIPE  # noqa: E402
+except ImportError:
+    SEED_RECIPE = None
+
 REPO = Path(__file__).resolve().parents[1]
-PRETRAIN_DIGITS, FINETUNE_DIGITS = range(0, 5), range(5, 10)
-RECIPES = {
-    "seed's recipe": {"loss.same_class_positives": False, "loss.text_targets": "frozen",
-                      "loss.target_init": "caption", "train.standardize_features": False,
-                      "train.lr": 1e-4, "train.backbone_lr_scale": 0.01,
-                      "train.weight_decay": 1e-4, "model.dropout": 0.3,
-                      "train.warmup_fraction": 0.0},
-    "previous default": {"train.standardize_features": False, "loss.target_init": "caption",
-                         "train.lr": 1e-3, "train.backbone_lr_scale": 0.01, "train.epochs": 5},
-    "default": {},
-}
+DOMAIN_SEED = 0  # the generated world (identities, their images); bench seeds draw splits
 MODES = {"frozen": {"train.freeze_backbone": True}, "unfrozen": {"train.freeze_backbone": False}}
+SETS = ("open", "closed")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    base_identities: int = 800
+    base_images: int = 6
+    finetune_identities: int = 240
+    open_identities: int = 300
+    pool: int = 1000  # identities after the base's, from which each seed draws its split
+
+
+QUICK = Sizes(base_identities=150, finetune_identities=60, open_identities=80, pool=200)
+
+
+@dataclass
+class Run:
+    """One fine-tuning run: per-epoch val scores by protocol and test scores by set."""
+    val: dict[str, dict[int, float]] = field(default_factory=dict)
+    test: dict[str, dict[int, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@functools.cache
+def defaults() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
 def bench_params(overrides: dict) -> Params:
-    """The repo's params.yaml (the project defaults) with dotted-key overrides."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    """The repo's params.yaml (the project defaults, read once per bench: every run sees the
+    same) with dotted-key overrides."""
+    raw = copy.deepcopy(defaults())
     for dotted, value in overrides.items():
         *sections, key = dotted.split(".")
         target = raw
@@ -74,139 +111,251 @@ def bench_params(overrides: dict) -> Params:
     return parse_params(raw)
 
 
-def pretrain_base(root: Path, out: Path, params: Params, epochs: int) -> Path:
-    """Train the tiny model's two towers CLIP-style on the images and captions under root/train;
-    save its state dict (what open_clip loads as `pretrained=<file>`)."""
-    torch.manual_seed(params.seed)
-    model = build_model(params.model)  # random init: model.pretrained none
-    clip = model.clip
-    clip.requires_grad_(True)
-    frame = read_manifest(root / "prepared", "train")
-    classes = sorted(frame["label"].unique())
-    labels = torch.tensor([classes.index(label) for label in frame["label"]])
-    images = torch.stack([model.preprocess_val(Image.open(root / p)) for p in frame["path"]])
-    tokens = model.tokenizer([caption(name, params.data) for name in classes])
-    loss_fn = RetrievalClipLoss(same_class_positives=True)
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-3, weight_decay=0.1,
-                                  betas=(0.9, 0.98), eps=1e-6)
-    clip.train()
+def pretrain_base(root: Path, out: Path, epochs: int, seed: int = 0) -> Path:
+    """Train the tiny model's image tower on the identities under root/train with a normalised
+    softmax over learnable class proxies; save the whole open_clip state dict (what
+    `model.pretrained: <file>` loads). The text tower stays at its random init."""
+    torch.manual_seed(seed)
+    model = build_model(bench_params({"model.name": "tiny", "model.pretrained": "none"}).model)
+    visual = model.clip.visual
+    visual.requires_grad_(True)
+    files = sorted((root / "train").glob("*/*.png"))
+    classes = sorted({f.parent.name for f in files})
+    labels = torch.tensor([classes.index(f.parent.name) for f in files])
+    images = torch.stack([model.preprocess_val(Image.open(f)) for f in files])
+    proxies = torch.nn.Parameter(torch.randn(len(classes), model.embed_dim) * 0.01)
+    optimizer = torch.optim.AdamW([*visual.parameters(), proxies], lr=3e-3, weight_decay=0.05)
+    visual.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(labels)).split(64):
-            image_emb = clip.encode_image(images[batch], normalize=True)
-            text_emb = clip.encode_text(tokens, normalize=True)[labels[batch]]
-            loss = loss_fn(image_emb, text_emb, labels[batch], clip.logit_scale)
+            x = images[batch]
+            x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, torch.flip(x, dims=[3]), x)
+            shifts = torch.randint(-4, 5, (len(x), 2)).tolist()  # a new crop of each image
+            x = torch.stack([torch.roll(image, shift, dims=(1, 2)) for image, shift in zip(x, shifts)])
+            logits = 16 * F.normalize(visual(x), dim=-1) @ F.normalize(proxies, dim=-1).T
+            loss = F.cross_entropy(logits, labels[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            model.clamp_logit_scale()
-    print(f"pretrained the tiny model on digits {PRETRAIN_DIGITS.start}-"
-          f"{PRETRAIN_DIGITS.stop - 1} for {epochs} epochs: last batch loss {loss.item():.3f}")
-    torch.save(clip.state_dict(), out)
+    print(f"  base: {len(classes)} identities, {len(files)} images, {epochs} epochs, "
+          f"last batch loss {loss.item():.3f}", flush=True)
+    torch.save(model.clip.state_dict(), out)
     return out
 
 
-def write_data(root: Path, params: Params, digits) -> None:
-    write_demo(root, params.demo, params.seed, digits_kept=digits)
-    prepare(root, root / "prepared", params.data, params.seed)
-
-
-def run_pipeline(work: Path, data_root: Path, params: Params) -> tuple[list[dict], dict, float]:
-    """train -> embed -> retrieve in `work` (the pipeline's relative paths live there): the
-    training history, the test metrics by epoch, and the seconds it took."""
-    work.mkdir(parents=True, exist_ok=True)
+def run_pipeline(work: Path, roots: dict[str, Path], val_prepared: Path | None,
+                 params: Params) -> Run:
+    """train on roots["open"]'s training images, then embed and retrieve each test set (and the
+    photo->render val set), in `work` (the pipeline's relative paths live there)."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     started = time.perf_counter()
+    run = Run()
     with contextlib.chdir(work):
-        history = train(params, data_root, data_root / "prepared")
-        embed_all(params, data_root, data_root / "prepared")
-        report = retrieve_all(params.retrieve, data_root, data_root / "prepared")
-    return history, report.metrics, time.perf_counter() - started
+        history = train(params, roots["open"], roots["open"] / "prepared")
+        run.val[own_protocol(params)] = {row["epoch"]: row["score"] for row in history}
+        for name, root in roots.items():
+            embed_all(params, root, root / "prepared")
+            run.test[name] = {epoch: m["score"] for epoch, m in
+                              retrieve_all(params.retrieve, root, root / "prepared").metrics.items()}
+        if val_prepared is not None:
+            embed_all(params, roots["open"], val_prepared)
+            run.val["photo->render"] = {
+                epoch: m["score"] for epoch, m in
+                retrieve_all(params.retrieve, roots["open"], val_prepared).metrics.items()}
+    run.seconds = time.perf_counter() - started
+    return run
 
 
-def pixel_knn(data_root: Path) -> dict:
-    """Test metrics of cosine kNN on raw pixels: what is there to learn without any model."""
-    frames = {split: read_manifest(data_root / "prepared", split) for split in ("query", "gallery")}
-    pixels = {split: np.stack([np.asarray(Image.open(data_root / p).convert("L"), np.float32).ravel()
+def own_protocol(params: Params) -> str:
+    return "class-mixed" if params.data.val_split == "class" else "image"
+
+
+def photo_render_val(prepared: Path, out: Path) -> Path:
+    """Manifests that make the val identities a test of their own: photo queries, render
+    gallery (the rendering told by the file name)."""
+    out.mkdir(parents=True, exist_ok=True)
+    val = read_manifest(prepared, "val")
+    rendering = val["path"].map(rendering_of)
+    for split, kept in (("query", QUERY_RENDERING), ("gallery", GALLERY_RENDERING)):
+        val[rendering == kept].to_csv(out / f"{split}.csv", index=False)
+    return out
+
+
+def pixel_knn(root: Path) -> float:
+    """Test score of cosine kNN on raw pixels: what is there without any model."""
+    frames = {split: read_manifest(root / "prepared", split) for split in ("query", "gallery")}
+    pixels = {split: np.stack([np.asarray(Image.open(root / p).convert("RGB"), np.float32).ravel()
                                for p in frame["path"]]) for split, frame in frames.items()}
     indices = top_k(pixels["query"], pixels["gallery"], 10, "cosine")
     return metrics_for_indices(frames["query"]["label"].to_numpy(),
-                               frames["gallery"]["label"].to_numpy(), indices)
+                               frames["gallery"]["label"].to_numpy(), indices)["score"]
 
 
-def summary(history: list[dict], test: dict) -> dict:
-    """Epoch 0, best and last test scores, and the test score of the epoch val would pick."""
-    best = max(test, key=lambda e: (test[e]["score"], -e))
-    val_scores = {row["epoch"]: row["score"] for row in history}
-    picked = max(val_scores, key=lambda e: (val_scores[e], -e))
-    last = max(test)
-    return {"epoch0": test[0]["score"], "best_epoch": best, "best": test[best],
-            "last": test[last]["score"], "val_pick": picked, "val_pick_score": test[picked]["score"],
-            "val0": val_scores[0], "val_best": val_scores[picked]}
+def generated_roots(out: Path, seed: int, sizes: Sizes, data: dict) -> tuple[dict, Path]:
+    """This seed's open and closed data roots (shared training images) and the photo->render
+    val manifests."""
+    rng = np.random.default_rng(seed)
+    pool = sizes.base_identities + rng.permutation(sizes.pool)
+    finetune = sorted(pool[:sizes.finetune_identities].tolist())
+    unseen = sorted(pool[sizes.finetune_identities:][:sizes.open_identities].tolist())
+    params = bench_params(data)
+    roots = {name: out / f"seed{seed}" / name for name in SETS}
+    write_domain(roots["open"], finetune, unseen, DOMAIN_SEED)
+    prepare(roots["open"], roots["open"] / "prepared", params.data, seed)
+    held_out = set(read_manifest(roots["open"] / "prepared", "val")["label"])
+    trained = [n for n in finetune if f"{n:04d}" not in held_out]
+    write_domain(roots["closed"], finetune, trained, DOMAIN_SEED, queries=3, gallery=2)
+    prepare(roots["closed"], roots["closed"] / "prepared", params.data, seed)
+    return roots, photo_render_val(roots["open"] / "prepared", out / f"seed{seed}" / "val_pr")
 
 
-def print_table(title: str, rows: list[tuple[str, dict, float]], knn: dict) -> None:
-    print(f"\n{title}")
-    print(f"{'recipe':30s} {'epoch 0':>7s} {'best (ep)':>11s} {'top-1':>6s} {'top-5':>6s} "
-          f"{'top-10':>6s} {'last':>6s} {'val picks (test)':>17s} {'val 0->best':>13s} {'s':>5s}")
-    print(f"{'raw-pixel kNN':30s} {'':7s} {knn['score']:11.1f} {knn['top1']:6.3f} "
-          f"{knn['top5']:6.3f} {knn['top10']:6.3f}")
-    for name, s, seconds in rows:
-        b = s["best"]
-        print(f"{name:30s} {s['epoch0']:7.1f} {b['score']:7.1f} ({s['best_epoch']}) {b['top1']:6.3f} "
-              f"{b['top5']:6.3f} {b['top10']:6.3f} {s['last']:6.1f} "
-              f"{s['val_pick_score']:10.1f} (ep {s['val_pick']}) {s['val0']:6.1f}->{s['val_best']:5.1f} "
-              f"{seconds:5.0f}")
+def digit_roots(out: Path, seed: int, data: dict) -> dict:
+    """This seed's digit roots: train on 4-6; open: test on 7-9; closed: held-out 4-6."""
+    params = bench_params(data)
+    roots = {name: out / f"digits_seed{seed}" / name for name in SETS}
+    write_demo(roots["closed"], params.demo, seed, digits_kept=range(4, 7))
+    unseen = out / f"digits_seed{seed}" / "unseen"
+    write_demo(unseen, params.demo, seed, digits_kept=range(7, 10))
+    shutil.rmtree(roots["open"], ignore_errors=True)
+    shutil.copytree(unseen, roots["open"], ignore=shutil.ignore_patterns("train"))
+    shutil.copytree(roots["closed"] / "train", roots["open"] / "train")
+    for root in roots.values():
+        prepare(root, root / "prepared", params.data, seed)
+    return roots
 
 
-def bench(title: str, data_root: Path, work: Path, base: dict, recipes: dict) -> None:
-    rows = []
-    for name, overrides in recipes.items():
-        for mode, mode_overrides in MODES.items():
-            params = bench_params({**base, **overrides, **mode_overrides})
-            history, test, seconds = run_pipeline(work / f"{name}-{mode}".replace(" ", "_")
-                                                  .replace("'", ""), data_root, params)
-            rows.append((f"{name}, {mode}", summary(history, test), seconds))
-            print(f"  done: {name}, {mode} ({seconds:.0f} s)", flush=True)
-    print_table(title, rows, pixel_knn(data_root))
+def mean_ci(values) -> str:
+    """mean +- half-width of the Student-t 95% interval (n) of values."""
+    values = np.asarray(values, float)
+    if len(values) < 2:
+        return f"{values.mean():6.1f}          (n={len(values)})"
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return f"{values.mean():6.1f} ± {half:5.1f} (n={len(values)})"
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser, out: str) -> None:
-    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: train.epochs)")
-    parser.add_argument("--pretrain-epochs", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=Path(out))
+def picked(run: Run, protocol: str, test_set: str) -> float:
+    """Test score of the epoch the protocol's val score picks (first of ties)."""
+    val = run.val[protocol]
+    epoch = max(val, key=lambda e: (val[e], -e))
+    return run.test[test_set][epoch]
 
 
-def bench_setup(args: argparse.Namespace, demo: bool) -> tuple[dict, Path, dict[str, Path]]:
-    """Write the digit data roots and pretrain the base: (the tiny-model overrides, the base's
-    weights file, the data roots by name: finetune, and demo when asked)."""
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    epochs = args.epochs or bench_params({}).train.epochs
-    tiny = {"model.name": "tiny", "train.epochs": epochs}
-    params = bench_params({**tiny, "model.pretrained": "none"})
-    roots = {"finetune": out / "finetune_digits", **({"demo": out / "demo"} if demo else {})}
-    write_data(out / "pretrain_digits", params, PRETRAIN_DIGITS)
-    write_data(roots["finetune"], params, FINETUNE_DIGITS)
-    if demo:
-        write_data(roots["demo"], params, range(10))
-    weights = pretrain_base(out / "pretrain_digits", out / "tiny_pretrained.pt", params,
-                            args.pretrain_epochs)
-    return tiny, weights, roots
+def report(domain: str, runs: dict, knn: dict, protocols: list[str]) -> None:
+    """One block per (set, mode): rows raw pixels, epoch 0, each recipe; columns each
+    protocol's val-picked test score, last epoch, best on test (upper bound), and the default's
+    paired gains."""
+    for test_set in SETS:
+        for mode in MODES:
+            print(f"\n{domain}, {test_set} set, {mode} (test score /1000, mean ± 95% CI)")
+            print(f"  {'raw-pixel kNN':24s} {mean_ci(knn[test_set])}")
+            default = runs[("default", mode)]
+            print(f"  {'epoch 0 (untouched)':24s} "
+                  f"{mean_ci([r.test[test_set][0] for r in default])}")
+            for recipe in [name for name, m in runs if m == mode]:
+                rs = runs[(recipe, mode)]
+                cells = [f"picked by {p}: {mean_ci([picked(r, p, test_set) for r in rs])}"
+                         for p in protocols]
+                cells.append(f"last: {mean_ci([r.test[test_set][max(r.test[test_set])] for r in rs])}")
+                cells.append(f"best on test (upper bound): "
+                             f"{mean_ci([max(r.test[test_set].values()) for r in rs])}")
+                print(f"  {recipe:24s} " + " | ".join(cells))
+            for p in protocols:
+                gains = {"epoch 0": [picked(r, p, test_set) - r.test[test_set][0] for r in default]}
+                if ("seed's recipe", mode) in runs:
+                    gains["seed's recipe"] = [picked(d, p, test_set) - picked(s, p, test_set)
+                                              for d, s in zip(default,
+                                                              runs[("seed's recipe", mode)])]
+                print(f"  default gain over (paired, picked by {p}): "
+                      + " | ".join(f"{name}: {mean_ci(v)}" for name, v in gains.items()))
+
+
+def protocol_report(domain: str, runs: dict, protocols: list[str]) -> None:
+    """Spearman's rho between each protocol's val score and the test score over every epoch of
+    every run (pooled), and the mean of the per-run rhos."""
+    print(f"\n{domain}: how well validation ranks the test (Spearman rho, epochs x runs)")
+    for mode in MODES:
+        rs = [r for (recipe, m), group in runs.items() if m == mode for r in group]
+        for p in protocols:
+            cells = []
+            for test_set in SETS:
+                val = [r.val[p][e] for r in rs for e in sorted(r.val[p])]
+                test = [r.test[test_set][e] for r in rs for e in sorted(r.val[p])]
+                per_run = [stats.spearmanr([r.val[p][e] for e in sorted(r.val[p])],
+                                           [r.test[test_set][e] for e in sorted(r.val[p])])[0]
+                           for r in rs]
+                cells.append(f"{test_set}: pooled {stats.spearmanr(val, test)[0]:+.2f}, "
+                             f"per run {np.nanmean(per_run):+.2f}")
+            print(f"  {mode:9s} {p:14s} " + " | ".join(cells))
+
+
+def recipes() -> dict[str, dict]:
+    rows = {"default": {}}
+    if SEED_RECIPE is None:
+        print("clipcore.recipes.SEED_RECIPE not found: the seed's recipe row is left out")
+    else:
+        rows = {"seed's recipe": dict(SEED_RECIPE), **rows}
+    return rows
+
+
+def bench_domain(domain: str, seeds: range, base: dict, data: dict, make_roots,
+                 protocols: list[str], work: Path) -> None:
+    """Every recipe, frozen and unfrozen, on each seed's split. `data`: the bench's validation
+    split, the same for every row (a recipe's own val split would only change which images
+    train and how epochs are picked)."""
+    runs: dict[tuple[str, str], list[Run]] = {}
+    knn = {name: [] for name in SETS}
+    for seed in seeds:
+        roots, val_prepared = make_roots(seed)
+        for name in SETS:
+            knn[name].append(pixel_knn(roots[name]))
+        for recipe, overrides in recipes().items():
+            for mode, mode_overrides in MODES.items():
+                params = bench_params({**base, **overrides, **mode_overrides, **data, "seed": seed})
+                run = run_pipeline(work / "run", roots, val_prepared, params)
+                runs.setdefault((recipe, mode), []).append(run)
+                print(f"  done: {domain}, seed {seed}, {recipe}, {mode} ({run.seconds:.0f} s): "
+                      f"open {run.test['open'][0]:.0f} -> best {max(run.test['open'].values()):.0f}",
+                      flush=True)
+    report(domain, runs, knn, protocols)
+    protocol_report(domain, runs, protocols)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_bench_arguments(parser, "/tmp/bench_accuracy")
-    parser.add_argument("--demo", action="store_true", help="also the tiny random-init demo rows")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: train.epochs)")
+    parser.add_argument("--pretrain-epochs", type=int, default=30)
+    parser.add_argument("--domains", default="generated,digits")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 seeds, 2 epochs, a small generated domain")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_accuracy"))
     args = parser.parse_args()
-    tiny, weights, roots = bench_setup(args, args.demo)
-    epochs, out = tiny["train.epochs"], args.out.resolve()
-    bench(f"pretrained tiny base (digits 0-4) fine-tuned on digits 5-9, {epochs} epochs, "
-          f"test score out of 1000", roots["finetune"], out / "runs",
-          {**tiny, "model.pretrained": str(weights)}, RECIPES)
-    if args.demo:
-        bench(f"demo: tiny random-init model, all ten digits, {epochs} epochs",
-              roots["demo"], out / "demo_runs", {**tiny, "model.pretrained": "none"},
-              {name: RECIPES[name] for name in ("previous default", "default")})
+    sizes, seeds = (QUICK, range(2)) if args.quick else (Sizes(), range(args.seeds))
+    epochs = 2 if args.quick else (args.epochs or bench_params({}).train.epochs)
+    pretrain_epochs = 3 if args.quick else args.pretrain_epochs
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # Decoding 32-px images in the main process beats starting DataLoader workers every epoch.
+    tiny = {"model.name": "tiny", "train.epochs": epochs, "retrieve.picture_queries": 0,
+            "train.num_workers": 0, "embed.num_workers": 0}
+    domains = args.domains.split(",")
+    print(f"{len(seeds)} seeds, {epochs} epochs; recipes: {', '.join(recipes())}", flush=True)
+    if "generated" in domains:
+        data = {"data.val_split": "class"}
+        write_domain(out / "base", range(sizes.base_identities), range(2), DOMAIN_SEED,
+                     train_images=sizes.base_images)
+        weights = pretrain_base(out / "base", out / "generated_base.pt", pretrain_epochs)
+        bench_domain("generated", seeds, {**tiny, "model.pretrained": str(weights)}, data,
+                     lambda seed: generated_roots(out, seed, sizes, data),
+                     ["class-mixed", "photo->render"], out)
+    if "digits" in domains:
+        data = {"data.val_split": "image"}
+        base_params = bench_params({})
+        write_demo(out / "digits_base", base_params.demo, DOMAIN_SEED, digits_kept=range(4))
+        weights = pretrain_base(out / "digits_base", out / "digits_base.pt", pretrain_epochs)
+        bench_domain("digits", seeds, {**tiny, "model.pretrained": str(weights)}, data,
+                     lambda seed: (digit_roots(out, seed, data), None), ["image"], out)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_accuracy import add_bench_arguments, bench_params, bench_setup  # noqa: E402
-from bench_embed import timed  # noqa: E402  (same folder)
+from bench_accuracy import bench_params, pretrain_base  # noqa: E402  (same folder)
+from bench_embed import timed  # noqa: E402
+from clipcore.demo import write_demo  # noqa: E402
+from clipcore.manifests import prepare  # noqa: E402
 from clipcore.embedding import embed_all  # noqa: E402
 from clipcore.params import Params  # noqa: E402
 from clipcore.rerank import k_reciprocal_distances  # noqa: E402
@@ -58,6 +60,38 @@ def levers(images_per_class: int) -> list[Lever]:
         Lever("k-reciprocal", "retrieve.rerank=kreciprocal", "retrieve",
               {"retrieve.rerank": "kreciprocal"}),
     ]
+
+
+PRETRAIN_DIGITS, FINETUNE_DIGITS = range(0, 5), range(5, 10)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: train.epochs)")
+    parser.add_argument("--pretrain-epochs", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path(out))
+
+
+def write_data(root: Path, params: Params, digits) -> None:
+    write_demo(root, params.demo, params.seed, digits_kept=digits)
+    prepare(root, root / "prepared", params.data, params.seed)
+
+
+def bench_setup(args: argparse.Namespace, demo: bool) -> tuple[dict, Path, dict[str, Path]]:
+    """Write the digit data roots and pretrain the base on digits 0-4: (the tiny-model
+    overrides, the base's weights file, the data roots by name: finetune, and demo when asked)."""
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    epochs = args.epochs or bench_params({}).train.epochs
+    tiny = {"model.name": "tiny", "train.epochs": epochs}
+    params = bench_params({**tiny, "model.pretrained": "none"})
+    roots = {"finetune": out / "finetune_digits", **({"demo": out / "demo"} if demo else {})}
+    write_data(out / "pretrain_digits", params, PRETRAIN_DIGITS)
+    write_data(roots["finetune"], params, FINETUNE_DIGITS)
+    if demo:
+        write_data(roots["demo"], params, range(10))
+    weights = pretrain_base(out / "pretrain_digits", out / "tiny_pretrained.pt",
+                            args.pretrain_epochs)
+    return tiny, weights, roots
 
 
 def run(params: Params, root: Path, prepared: Path, folder: Path, stages: tuple[str, ...]):

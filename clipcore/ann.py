@@ -53,6 +53,12 @@ def list_count(gallery_size: int, nlist: int) -> int:
 
 def _ivf(gallery: np.ndarray, metric: int, spec: IvfParams) -> faiss.Index:
     nlist = list_count(len(gallery), spec.nlist)
+    if nlist == 1:
+        # One list is the whole gallery, scanned in full: exact search, without a k-means that
+        # splits nothing (and FAISS's warning about too few training points for it).
+        index = faiss.IndexFlat(gallery.shape[1], metric)
+        index.add(gallery)
+        return index
     index = faiss.IndexIVFFlat(faiss.IndexFlat(gallery.shape[1], metric), gallery.shape[1],
                                nlist, metric)
     index.cp.seed = KMEANS_SEED

@@ -11,7 +11,9 @@ and the visual tower only when training changed it. A frozen run's file is about
 """
 from __future__ import annotations
 
+import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -22,8 +24,13 @@ from clipcore.files import write_atomic
 from clipcore.model import FineTunedCLIP, build_model
 from clipcore.params import ModelParams
 
-MODEL_FORMAT = "clipcore-model/1"
+# /2: the head standardises its input (head.mean, head.std) and files name its kind; a /1 file
+# holds a head of other tensors.
+MODEL_FORMAT = "clipcore-model/2"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+_STRUCTURE_DAMAGE = "failed reading zip archive"  # torch's reader: not the zip it once was
+_FOLDER, _ENCRYPTED = 0x10, 0x1  # an entry's external attribute and flag bits
+_END_RECORD_SIZE, _ZIP64 = 22, 0xFFFF  # zip64 archives count their entries elsewhere
 
 
 class DamagedFile(ClipcoreError):
@@ -51,6 +58,10 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dic
                 f"{path}: not a safe checkpoint (it holds Python objects other than tensors and "
                 f"plain data, numpy values included; refusing to unpickle it)") from exc
         reason = (message.splitlines() or [type(exc).__name__])[0]
+        if _STRUCTURE_DAMAGE in message or isinstance(exc, UnicodeDecodeError):
+            # The zip directory fields torch's reader checks and Python's does not (disk
+            # numbers, counts, ASCII names): a file that was one of ours and took damage.
+            raise DamagedFile(f"{path}: damaged: corrupt zip directory ({reason})") from None
         raise ClipcoreError(f"{path}: not a clipcore file ({reason})") from exc
     if not isinstance(obj, dict):
         raise ClipcoreError(f"{path}: not a clipcore file (holds a {type(obj).__name__}, not a dict)")
@@ -61,18 +72,43 @@ def check_archive(path: Path) -> None:
     """DamagedFile when a torch archive is cut short or fails its CRC-32 check (reads it all);
     ClipcoreError when the file is no torch archive at all."""
     try:
-        with open(path, "rb") as f:
-            is_zip = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
-        if not is_zip:
-            raise ClipcoreError(f"{path}: not a clipcore file (not a torch zip archive)")
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, EOFError) as exc:
-        raise DamagedFile(f"{path}: damaged: truncated or corrupt zip archive ({exc})") from None
+        f = open(path, "rb")
     except OSError as exc:
         raise ClipcoreError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with f:
+        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            raise ClipcoreError(f"{path}: not a clipcore file (not a torch zip archive)")
+        try:
+            with zipfile.ZipFile(f) as archive:
+                bad = archive.testzip()
+                odd = _directory_problem(archive, f)
+        # Beyond BadZipFile, a damaged directory makes zipfile seek before the start (OSError),
+        # misread a name (UnicodeDecodeError), a version or method (NotImplementedError) or
+        # an encryption flag (RuntimeError).
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError,
+                RuntimeError) as exc:
+            raise DamagedFile(f"{path}: damaged: truncated or corrupt zip archive "
+                              f"({type(exc).__name__}: {exc})") from None
+    if odd is not None:
+        raise DamagedFile(f"{path}: damaged: corrupt zip directory ({odd})")
     if bad is not None:
         raise DamagedFile(f"{path}: damaged: CRC-32 check failed for {bad} (changed bits)")
+
+
+def _directory_problem(archive: zipfile.ZipFile, f) -> str | None:
+    """Fields of the zip directory that Python's reader skips and torch's obeys: torch writes
+    one disk, no folders and no encryption, and an end record that counts every entry."""
+    entries = archive.infolist()
+    for info in entries:
+        if info.volume or info.external_attr & _FOLDER or info.flag_bits & _ENCRYPTED:
+            return f"{info.filename} marked as on another disk, a folder or encrypted"
+    f.seek(-_END_RECORD_SIZE, os.SEEK_END)
+    end = f.read(_END_RECORD_SIZE)
+    if end.startswith(b"PK\x05\x06"):  # no archive comment: the end record ends the file
+        disk, directory_disk, here, total = struct.unpack("<4H", end[4:12])
+        if disk or directory_disk or (total != _ZIP64 and (here, total) != (len(entries),) * 2):
+            return "the end record's disk numbers or entry counts changed"
+    return None
 
 
 def inference_state(model: FineTunedCLIP, backbone_trained: bool) -> dict:
@@ -83,7 +119,8 @@ def inference_state(model: FineTunedCLIP, backbone_trained: bool) -> dict:
     return {
         "format": MODEL_FORMAT,
         "model": {"name": model.base["name"], "pretrained": model.base["pretrained"],
-                  "embed_dim": model.embed_dim, "dropout": model.head.dropout.p},
+                  "embed_dim": model.embed_dim, "dropout": model.head.dropout.p,
+                  "head": model.head_kind},  # files without it (older) hold residual heads
         "base": dict(model.base),
         "backbone_trained": backbone_trained,
         "state": {k: v.detach().cpu() for k, v in state.items()},
@@ -134,8 +171,14 @@ def load_model_file(path: str | Path,
 
 def _read_model_file(path: str | Path, device) -> tuple[dict, ModelParams]:
     data = load_file(path, map_location=device)
-    if data.get("format") != MODEL_FORMAT:
-        raise ClipcoreError(f"{path}: not a clipcore model file (format {data.get('format')!r}, "
+    found = data.get("format")
+    if found != MODEL_FORMAT:
+        if isinstance(found, str) and found.split("/")[0] == MODEL_FORMAT.split("/")[0]:
+            raise ClipcoreError(
+                f"{path}: a model file of another clipcore version (format {found!r}, this one "
+                f"reads {MODEL_FORMAT!r}: the head's tensors differ); make it again with this "
+                f"version (dvc repro train)")
+        raise ClipcoreError(f"{path}: not a clipcore model file (format {found!r}, "
                             f"expected {MODEL_FORMAT!r})")
     missing = sorted({"model", "base", "backbone_trained", "state"} - set(data))
     if missing:

@@ -28,7 +28,7 @@ def write_demo(out: Path, demo: DemoParams, seed: int, digits_kept=range(10)) ->
     """Write train/<digit>/, test/query/, test/gallery/ and test_labels.csv under `out`, for the
     digits in `digits_kept` (all ten by default; bench/bench_accuracy.py splits them)."""
     out = Path(out)
-    _clear(out)
+    clear_demo_folder(out)
     digits = load_digits()
     rng = random.Random(seed)
     files, labels = [], []  # (relative path, image index); (split, file, label)
@@ -41,24 +41,30 @@ def write_demo(out: Path, demo: DemoParams, seed: int, digits_kept=range(10)) ->
                 files.append((f"train/{label}/digit_{index:04d}.png", index))
                 continue
             split = "query" if position < n_query else "gallery"
-            name = f"{_hex_name(rng)}.png"
+            name = f"{hex_name(rng)}.png"
             files.append((f"test/{split}/{name}", index))
             labels.append((split, name, str(label)))
-    # The labels file goes first: it also marks the folder as the demo's, so a run interrupted
-    # while writing images leaves a folder the next run may clear.
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / paths.DEMO_LABELS, "w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["split", "file", "label"])
-        writer.writerows(sorted(labels))
+    write_test_labels(out, labels)
     for relative, index in tqdm(files, desc="demo images", unit="img"):
         target = out / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         _digit_image(digits.images[index], demo.image_size).save(target)
 
 
-def _clear(out: Path) -> None:
-    """Remove a stale demo tree, but never a folder that is not one (it may hold real data)."""
+def write_test_labels(out: Path, labels: list[tuple[str, str, str]]) -> None:
+    """out/test_labels.csv from (split, file, label) rows. Written before any image: it also
+    marks the folder as generated, so a run interrupted while writing images leaves a folder
+    the next run may clear."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / paths.DEMO_LABELS, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["split", "file", "label"])
+        writer.writerows(sorted(labels))
+
+
+def clear_demo_folder(out: Path) -> None:
+    """Remove a stale generated tree (demo or domain), but never a folder that is not one (it
+    may hold real data)."""
     if not out.exists():
         return
     if out.is_dir() and (not any(out.iterdir()) or (out / paths.DEMO_LABELS).is_file()):
@@ -78,7 +84,7 @@ def _test_counts(n: int, demo: DemoParams) -> tuple[int, int]:
     return n_test, n_query
 
 
-def _hex_name(rng: random.Random) -> str:
+def hex_name(rng: random.Random) -> str:
     return uuid.UUID(int=rng.getrandbits(128), version=4).hex
 
 

@@ -3,6 +3,7 @@ the complete new one, never a half-written file under a real name."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -36,6 +37,11 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _os_error(exc: BaseException | None) -> OSError | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -19,9 +20,17 @@ def load_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return _eight_bit(image).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UnreadableImage(f"{path}: {exc.__class__.__name__}: {exc}") from None
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG, TIFF: modes I;16, I;16B...) as 8 bits, by its high byte: PIL's
+    convert clips every value above 255, which leaves a 16-bit image two tones, 0 and 255."""
+    if not image.mode.startswith("I;16"):
+        return image
+    return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))  # mode L
 
 
 class ImageFiles:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipcore.model import MlpHead
+
 
 class RetrievalClipLoss(nn.Module):
     """Symmetric cross-entropy between image embeddings and their class text embeddings."""
@@ -52,19 +54,22 @@ def _multi_positive_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.T
 
 
 class TextTargets(nn.Module):
-    """One text embedding per class: frozen text-tower output, or a parameter trained with the head.
+    """One text embedding per class: frozen text-tower output, a parameter trained with the head,
+    or (`head`) the frozen text-tower output through a text head trained with the image head.
 
     Numeric class names give near-identical captions ("class number 3" vs "4"); learnable targets
-    start there and move apart as the head trains.
+    start there and move apart as the head trains. A text head (the seed's) maps them anew at each
+    step, its dropout drawn per batch row as when each image's caption went through it.
     """
 
-    def __init__(self, initial: torch.Tensor, learnable: bool):
+    def __init__(self, initial: torch.Tensor, learnable: bool, head: nn.Module | None = None):
         super().__init__()
         initial = F.normalize(initial.detach().float(), dim=-1)  # a new tensor: no clone needed
         if learnable:
             self.targets = nn.Parameter(initial)
         else:
             self.register_buffer("targets", initial)
+        self.head = head
 
     @torch.no_grad()
     def start_at_class_means(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
@@ -80,4 +85,13 @@ class TextTargets(nn.Module):
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """(B, D) normalised target rows for class ids `labels`."""
-        return F.normalize(self.targets[labels], dim=-1)
+        rows = self.targets[labels]
+        return F.normalize(rows if self.head is None else self.head(rows), dim=-1)
+
+
+def text_targets(kind: str, captions: torch.Tensor, dropout: float) -> TextTargets:
+    """The `loss.text_targets` kind of targets over (C, D) caption embeddings; a `head`'s random
+    init is drawn from the caller's random stream (the run's seed)."""
+    dim = captions.shape[1]
+    return TextTargets(captions, learnable=kind == "learnable",
+                       head=MlpHead(dim, dim, dropout) if kind == "head" else None)

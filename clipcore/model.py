@@ -1,4 +1,5 @@
-"""The fine-tuned CLIP model: an open_clip backbone and a Dropout+Linear head that starts as the identity.
+"""The fine-tuned CLIP model: an open_clip backbone and a head, by default a Dropout+Linear head that
+starts as the identity (`model.head: residual`), or the seed's Linear->GELU->Dropout (`mlp`).
 
 `build_model(params.model)` resolves `model.pretrained` (an open_clip tag, a local weights file, or
 "none") without ever sitting in the hub client's retry loop: a tag whose weights are in the local
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import logging
 import math
 import os
@@ -27,6 +27,7 @@ from torch import nn
 from torchvision import transforms
 
 from clipcore.errors import ClipcoreError
+from clipcore.files import file_sha256
 from clipcore.params import ModelParams
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -53,16 +54,20 @@ class _Weights:
 
 
 def build_model(model: ModelParams, device: str | torch.device = "cpu") -> "FineTunedCLIP":
-    """The open_clip backbone named by `model`, with an identity-initialised head on top."""
+    """The open_clip backbone named by `model`, with the `model.head` kind of head on top (an mlp
+    head draws its random init from the caller's random stream: the run's seed)."""
     _check_name(model.name)
     feature_dim = open_clip.get_model_config(model.name)["embed_dim"]
     _check_embed_dim(model.embed_dim, feature_dim)  # before any download
     weights = _resolve_weights(model.name, model.pretrained)
     try:
         # Seeded in a private RNG state: "none" is then the same random base on every build, so a
-        # model file made on it reloads, and the caller's random stream is left untouched.
+        # model file made on it reloads, and the caller's random stream is left untouched. Only
+        # the CPU generator (open_clip builds on the CPU): torch.manual_seed would reseed every
+        # CUDA generator too, outside what fork_rng(devices=[]) restores, and dropout on CUDA
+        # would start from this seed whatever `seed` says.
         with torch.random.fork_rng(devices=[]), _quiet_random_init(weights.source is None):
-            torch.manual_seed(RANDOM_INIT_SEED)
+            torch.default_generator.manual_seed(RANDOM_INIT_SEED)
             clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 model.name, pretrained=weights.source, device=device,
                 force_quick_gelu=weights.quick_gelu, pretrained_text=False,
@@ -75,7 +80,8 @@ def build_model(model: ModelParams, device: str | torch.device = "cpu") -> "Fine
     base = {"name": model.name, "pretrained": model.pretrained, "sha256": weights.sha256}
     return FineTunedCLIP(
         clip, open_clip.get_tokenizer(model.name), preprocess_train, preprocess_val,
-        feature_dim=feature_dim, embed_dim=model.embed_dim, dropout=model.dropout, base=base).to(device)
+        feature_dim=feature_dim, embed_dim=model.embed_dim, dropout=model.dropout, base=base,
+        head=model.head).to(device)
 
 
 class _RandomInitWarning(logging.Filter):
@@ -97,22 +103,26 @@ def _quiet_random_init(asked: bool):
 
 
 class FineTunedCLIP(nn.Module):
-    """CLIP image tower -> ResidualHead (Dropout + Linear) -> L2 norm; the text tower only embeds
-    captions.
+    """CLIP image tower -> head -> L2 norm; the text tower only embeds captions.
 
-    The head starts as the identity (zero-padded when embed_dim is larger), so before any training
-    step the embeddings are exactly zero-shot CLIP's and captions land in the same space.
+    The residual head (the default) starts as the identity (zero-padded when embed_dim is larger),
+    so before any training step the embeddings are exactly zero-shot CLIP's and captions land in
+    the same space. The mlp head (the seed's) starts random: epoch 0 is then a random projection
+    of CLIP's features, not zero-shot CLIP.
     """
 
     def __init__(self, clip: nn.Module, tokenizer, preprocess_train, preprocess_val, *,
-                 feature_dim: int, embed_dim: int, dropout: float, base: dict):
+                 feature_dim: int, embed_dim: int, dropout: float, base: dict, head: str):
         super().__init__()
         _check_embed_dim(embed_dim, feature_dim)
         self.clip = clip
         self.tokenizer = tokenizer
         self.embed_dim = embed_dim
         self.base = base
-        self.head = ResidualHead(feature_dim, embed_dim, dropout)
+        if head not in HEADS:  # a damaged model file; params.yaml's value is checked on load
+            raise ClipcoreError(f"model.head: unknown head {head!r} (one of {', '.join(HEADS)})")
+        self.head_kind = head
+        self.head = HEADS[head](feature_dim, embed_dim, dropout)
         # open_clip's train transform is a random resized crop only; retrieval wants flips too.
         self.preprocess_train = transforms.Compose(
             [transforms.RandomHorizontalFlip(), *preprocess_train.transforms])
@@ -180,7 +190,29 @@ class FineTunedCLIP(nn.Module):
         return {f"clip.visual.{k}": v for k, v in self.clip.visual.state_dict().items()}
 
 
-class ResidualHead(nn.Module):
+class _StandardisedInput(nn.Module):
+    """A head whose input is standardised by the training images' feature statistics: `mean`/`std`
+    are set once before training (`set_feature_stats`); with the defaults (0, 1) it sees raw
+    features."""
+
+    def __init__(self, feature_dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(feature_dim))
+        self.register_buffer("std", torch.ones(feature_dim))
+
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """Standardise the head's input with these (N, feature_dim) features' statistics."""
+        features = features.float()
+        self.mean.copy_(features.mean(dim=0))
+        # A floor keeps a constant feature (or a single image) from dividing by zero.
+        self.std.copy_(features.std(dim=0, correction=0).clamp_min(1e-6 * features.abs().max()))
+
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) / self.std
+
+
+class ResidualHead(_StandardisedInput):
     """The projection head: features plus a Dropout+Linear branch on standardised features,
 
         head(f) = pad(f) + rms(std) * Linear(Dropout((f - mean) / std)),
@@ -190,13 +222,13 @@ class ResidualHead(nn.Module):
 
     Why standardise: features of one domain share a large common direction (the tiny random
     model's: 99.75% of the norm), so a Linear fed raw features gets gradients dominated by it,
-    and Adam's per-weight steps swamp the small class-telling variation. `mean`/`std` are the training images' feature statistics, set once
-    before training (`set_feature_stats`); with the defaults (0, 1) the branch sees raw features.
+    and Adam's per-weight steps swamp the small class-telling variation. The branch sees
+    standardised features (`set_feature_stats`), raw ones until those are set.
     The rms(std) factor keeps the branch in feature units, so one lr means the same for any backbone.
     """
 
     def __init__(self, feature_dim: int, embed_dim: int, dropout: float):
-        super().__init__()
+        super().__init__(feature_dim)
         self.feature_dim, self.embed_dim = feature_dim, embed_dim
         self.dropout = nn.Dropout(dropout)
         # skip_init: no random init to overwrite, and no draw from the caller's random stream.
@@ -204,26 +236,29 @@ class ResidualHead(nn.Module):
         with torch.no_grad():
             self.linear.weight.zero_()
             self.linear.bias.zero_()
-        self.register_buffer("mean", torch.zeros(feature_dim))
-        self.register_buffer("std", torch.ones(feature_dim))
-
-    @torch.no_grad()
-    def set_feature_stats(self, features: torch.Tensor) -> None:
-        """Standardise the branch's input with these (N, feature_dim) features' statistics."""
-        features = features.float()
-        self.mean.copy_(features.mean(dim=0))
-        # A floor keeps a constant feature (or a single image) from dividing by zero.
-        self.std.copy_(features.std(dim=0, correction=0).clamp_min(1e-6 * features.abs().max()))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        standardised = (features - self.mean) / self.std
-        branch = self.linear(self.dropout(standardised)) * self.std.square().mean().sqrt()
+        branch = self.linear(self.dropout(self.standardise(features))) * self.std.square().mean().sqrt()
         return F.pad(features, (0, self.embed_dim - self.feature_dim)) + branch
 
 
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+class MlpHead(_StandardisedInput):
+    """The seed's head, head(f) = Dropout(GELU(Linear(f))), with PyTorch's default random init
+    drawn from the caller's random stream (the run's seed draws it). Used on the image features
+    (`model.head: mlp`) and on the caption embeddings (`loss.text_targets: head`). Dropout acts on
+    every output feature: nothing passes untouched, unlike the residual head's identity path.
+    With `train.standardize_features` the Linear sees standardised features (the seed's: raw)."""
+
+    def __init__(self, feature_dim: int, embed_dim: int, dropout: float):
+        super().__init__(feature_dim)
+        self.linear = nn.Linear(feature_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.dropout(F.gelu(self.linear(self.standardise(features))))
+
+
+HEADS = {"residual": ResidualHead, "mlp": MlpHead}  # model.head's choices
 
 
 def _check_name(name: str) -> None:
@@ -239,7 +274,8 @@ def _check_embed_dim(embed_dim: int, feature_dim: int) -> None:
     if embed_dim < feature_dim:
         raise ClipcoreError(
             f"model.embed_dim: {embed_dim} is smaller than the backbone's {feature_dim} "
-            f"features; the head starts as the identity, so use {feature_dim} or more")
+            f"features; captions and the residual head's identity start live in those, so use "
+            f"{feature_dim} or more")
 
 
 def _resolve_weights(name: str, pretrained: str) -> _Weights:

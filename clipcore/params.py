@@ -20,9 +20,11 @@ class ParamsError(ClipcoreError):
     """A params.yaml key is unknown, missing, mistyped or out of range."""
 
 
-def _check(*, ge=None, gt=None, le=None, lt=None, choices=None, contains=None):
-    """Field metadata: the bounds, choices or required text a value must respect."""
-    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "contains": contains}
+def _check(*, ge=None, gt=None, le=None, lt=None, choices=None, contains=None, auto=False):
+    """Field metadata: the bounds, choices or required text a value must respect; `auto`: the
+    word "auto" stands for a value chosen at run time."""
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "contains": contains,
+            "auto": auto}
 
 
 def _field(**check):
@@ -51,6 +53,9 @@ class ModelParams:
     pretrained: str
     embed_dim: int = _field(ge=1)
     dropout: float = _field(ge=0.0, lt=1.0)
+    # residual: identity at start (epoch 0 = zero-shot) | mlp: the seed's Linear -> GELU -> Dropout,
+    # random init. Last, with a default: model files made before the key existed hold residual heads.
+    head: str = field(default="residual", metadata=_check(choices=("residual", "mlp")))
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class TrainParams:
     warmup_fraction: float = _field(ge=0.0, le=1.0)
     grad_clip_norm: float = _field(gt=0.0)
     augment: bool
-    num_workers: int = _field(ge=0)
+    num_workers: int | str = _field(ge=0, auto=True)  # auto: features.loader_workers
     resume: bool
     keep_checkpoints: int = _field(ge=0)  # 0: keep every epoch's checkpoint
     device: str = _field(choices=("auto", "cpu", "cuda"))
@@ -73,25 +78,99 @@ class TrainParams:
     val_top_k: int = _field(ge=1)
     sampler: str = _field(choices=("random", "class_balanced"))
     images_per_class: int = _field(ge=2)  # K of class_balanced P x K batches
+    optimizer: str = _field(choices=("adamw", "adam"))  # adam: weight decay as L2 in the gradient
+    schedule: str = _field(choices=("cosine", "constant"))  # the lr after the warmup
+    clamp_temperature: bool  # keep the learnable temperature at most 100 (open_clip's clamp)
 
     def __post_init__(self):
+        if self.batch_size < self.processes:  # each process takes a share of every batch
+            raise ParamsError(f"'train.batch_size' ({self.batch_size}) must be at least "
+                              f"'train.processes' ({self.processes}): each process takes a "
+                              f"share of every batch")
         if self.sampler == "class_balanced" and self.batch_size % self.images_per_class:
             raise ParamsError(f"'train.batch_size' ({self.batch_size}) must be a multiple of "
                               f"'train.images_per_class' ({self.images_per_class}) with "
                               f"train.sampler class_balanced")
 
 
+# loss.name values whose loss compares the batch's images with one another: they need same-class
+# images in each batch (clipcore.losses).
+PAIR_LOSSES = ("supcon", "triplet", "multi_similarity")
+
+
+@dataclass(frozen=True)
+class ClipLossParams:
+    """None yet: the CLIP loss's knobs are LossParams' first ones (named before other losses
+    came). The section exists so that dvc.yaml's `loss.${loss.name}` names one for every loss."""
+
+
+@dataclass(frozen=True)
+class ArcFaceParams:
+    margin: float = _field(gt=0.0, lt=90.0)  # degrees, as pytorch-metric-learning takes it
+    scale: float = _field(gt=0.0)
+    class_lr_scale: float = _field(gt=0.0)  # the class weights' lr = train.lr * this
+
+
+@dataclass(frozen=True)
+class SubCenterArcFaceParams:
+    margin: float = _field(gt=0.0, lt=90.0)  # degrees
+    scale: float = _field(gt=0.0)
+    class_lr_scale: float = _field(gt=0.0)
+    sub_centers: int = _field(ge=1)
+
+
+@dataclass(frozen=True)
+class CosFaceParams:
+    margin: float = _field(gt=0.0, lt=1.0)  # subtracted from the target class's cosine
+    scale: float = _field(gt=0.0)
+    class_lr_scale: float = _field(gt=0.0)
+
+
+@dataclass(frozen=True)
+class SupConParams:
+    temperature: float = _field(gt=0.0)
+
+
+@dataclass(frozen=True)
+class TripletParams:
+    margin: float = _field(gt=0.0)  # Euclidean distance between unit embeddings
+    miner: str = _field(choices=("semihard", "hard", "all"))  # triplets the loss averages over
+
+
+@dataclass(frozen=True)
+class MultiSimilarityParams:
+    alpha: float = _field(gt=0.0)
+    beta: float = _field(gt=0.0)
+    base: float = _field(ge=-1.0, le=1.0)  # a cosine similarity
+    epsilon: float = _field(ge=0.0)  # the miner's margin
+
+
 @dataclass(frozen=True)
 class LossParams:
+    name: str = _field(choices=("clip", "arcface", "subcenter_arcface", "cosface", *PAIR_LOSSES))
     same_class_positives: bool
-    text_targets: str = _field(choices=("frozen", "learnable"))
+    text_targets: str = _field(choices=("frozen", "learnable", "head"))
     target_init: str = _field(choices=("caption", "class_mean"))
+    # Each loss's own knobs, read only when loss.name picks it.
+    clip: ClipLossParams
+    arcface: ArcFaceParams
+    subcenter_arcface: SubCenterArcFaceParams
+    cosface: CosFaceParams
+    supcon: SupConParams
+    triplet: TripletParams
+    multi_similarity: MultiSimilarityParams
+
+    def __post_init__(self):
+        # A text head maps the caption embeddings anew at every step: no target to place.
+        if self.text_targets == "head" and self.target_init != "caption":
+            raise ParamsError("'loss.target_init' must be caption with 'loss.text_targets: head' "
+                              "(the text head trains on the caption embeddings)")
 
 
 @dataclass(frozen=True)
 class EmbedParams:
     batch_size: int = _field(ge=1)
-    num_workers: int = _field(ge=0)
+    num_workers: int | str = _field(ge=0, auto=True)  # auto: features.loader_workers
     wise_ft_alpha: float = _field(ge=0.0, le=1.0)
     tta: str = _field(choices=("none", "flip"))
 
@@ -153,6 +232,11 @@ class SubmitParams:
 
 
 @dataclass(frozen=True)
+class ReportParams:
+    worst_queries: int = _field(ge=0)  # queries shown with their matches; 0: none
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = _field(ge=0)
     data: DataParams
@@ -163,6 +247,37 @@ class Params:
     embed: EmbedParams
     retrieve: RetrieveParams
     submit: SubmitParams
+    report: ReportParams
+
+    def __post_init__(self):
+        # WiSE-FT mixes with the untouched head: an mlp head's is random, a mix with it is noise.
+        if self.model.head == "mlp" and self.embed.wise_ft_alpha != 1.0:
+            raise ParamsError("'embed.wise_ft_alpha' must be 1.0 with 'model.head: mlp' (WiSE-FT "
+                              "mixes with the untouched head, which an mlp head draws at random)")
+        # Class-balanced batches give each image K - 1 same-class images; the plain CLIP loss
+        # would push them all away as negatives.
+        if (self.train.sampler == "class_balanced" and self.loss.name == "clip"
+                and not self.loss.same_class_positives):
+            raise ParamsError("'train.sampler: class_balanced' needs 'loss.same_class_positives: "
+                              "true' (otherwise each image's K - 1 same-class images in its batch "
+                              "count as negatives)")
+        # Random batches of many classes hold few same-class images, often none: a pair loss
+        # then has nothing to pull together.
+        if self.loss.name in PAIR_LOSSES and self.train.sampler != "class_balanced":
+            raise ParamsError(f"'loss.name: {self.loss.name}' compares same-class images within "
+                              f"a batch: set 'train.sampler: class_balanced' (random batches may "
+                              f"hold none)")
+
+
+def dotted(tree: dict, prefix: str = "") -> dict:
+    """A nested mapping (params as `dataclasses.asdict` or YAML give them) as flat dotted keys."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -208,6 +323,11 @@ def _build(cls, raw, prefix: str, source: str):
 
 
 def _convert(value, hint, key: str, check, source: str):
+    auto = bool(check) and check["auto"]
+    if auto:  # an integer, or "auto"
+        if value == "auto":
+            return value
+        hint = int
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
@@ -225,7 +345,8 @@ def _convert(value, hint, key: str, check, source: str):
     else:  # pragma: no cover - a new field type needs a branch here
         raise TypeError(f"no conversion for {hint}")
     if not ok:
-        raise ParamsError(f"{source}: '{key}' must be {_type_name(hint)}, got {_describe(value)}")
+        raise ParamsError(f"{source}: '{key}' must be {_type_name(hint)}"
+                          f"{' or auto' if auto else ''}, got {_describe(value)}")
     _check_range(value, key, check, source)
     return value
 

@@ -8,12 +8,14 @@ neighbours (k-reciprocal) can correct a ranking. They raise mAP more reliably th
 top-1 is 600 of the competition's 1000 points: measure (bench/bench_levers.py).
 
 QE and DBA call the same search as the plain ranking (whatever index retrieve uses), so they
-cost one or two more searches. k-reciprocal computes the full (Nq+Ng)^2 distance matrix itself:
-33 MB and under a second per epoch for the competition's ~3,000 test images
-(bench/bench_levers.py), quadratic beyond.
+cost one or two more searches. k-reciprocal computes the full (Nq+Ng)^2 distance matrix itself,
+whatever the index: about 155 MB at its peak and 2 s per epoch here for the competition's ~3,000
+test images, quadratic beyond; check_memory refuses what cannot fit.
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Callable
 
 import numpy as np
@@ -21,6 +23,11 @@ import numpy as np
 from clipcore.errors import ClipcoreError
 from clipcore.params import RetrieveParams
 from clipcore.search import unit_rows
+
+# Peak memory of k_reciprocal_distances per (query + gallery)^2 pair, measured with tracemalloc
+# at 1,000 to 3,000 images (17 to 20 bytes): the distances, their argpartition's copy and
+# int64 indices, the neighbour weights and their local expansion.
+KRECIPROCAL_BYTES_PER_PAIR = 20
 
 # (query, gallery, k) -> (Q, k) gallery indices, best first: the stage's search.
 Search = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
@@ -143,6 +150,30 @@ def _weights(query: np.ndarray, gallery: np.ndarray, neighbours: np.ndarray,
     similarity = np.einsum("qd,qkd->qk", query, gallery[neighbours])
     # Negative similarities count as 0 (alpha-QE's convention); 0^0 = 1 makes alpha 0 AQE.
     return np.power(np.maximum(similarity, 0), alpha)
+
+
+def check_memory(params: RetrieveParams, n_query: int, n_gallery: int) -> None:
+    """k-reciprocal's memory, before any search: refused beyond this machine's memory (better
+    than the kernel killing the stage halfway), named when retrieve.index promised a gallery
+    too large to scan exactly, which k-reciprocal does regardless."""
+    if params.rerank != "kreciprocal":
+        return
+    n_all = n_query + n_gallery
+    need = KRECIPROCAL_BYTES_PER_PAIR * n_all ** 2
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        raise ClipcoreError(f"retrieve.rerank kreciprocal compares all {n_all:,} query and "
+                            f"gallery images pairwise: about {_amount(need)}, more than the "
+                            f"{_amount(memory)} this machine has; use rerank aqe or none")
+    if params.index != "exact":
+        print(f"warning: retrieve.rerank kreciprocal ranks by exact distances between all "
+              f"{n_all:,} query and gallery images, whatever retrieve.index ({params.index}) "
+              f"says: about {_amount(need)} here, growing with the square of that number",
+              file=sys.stderr)
+
+
+def _amount(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:,.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:,.0f} MB"
 
 
 def _check_sizes(params: RetrieveParams, n_all: int, n_gallery: int) -> None:

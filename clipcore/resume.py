@@ -8,7 +8,6 @@ numbers as one that never stopped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import random
 import sys
 from pathlib import Path
@@ -19,19 +18,24 @@ import torch
 from clipcore import paths
 from clipcore.checkpoint import DamagedFile, load_file
 from clipcore.errors import ClipcoreError
-from clipcore.params import Params
+from clipcore.manifests import manifest_digests
+from clipcore.params import Params, dotted
 
-TRAIN_FORMAT = "clipcore-train/2"  # /2: the signature holds every outcome-shaping setting
+# /2: the signature holds every outcome-shaping setting; /3: the loss's state (text targets,
+# class weights) under "loss"
+TRAIN_FORMAT = "clipcore-train/3"
 # Params that may change when a run resumes: they don't change what a training step computes
 # (train.epochs stretches the schedule: see README, Resuming). Sections of the later stages
-# and the data's location are no part of training; the data itself is compared by digest.
+# and the data's location are no part of training; the data itself is compared by digest:
+# which files in which split, and their bytes (prepare's per-file sha256).
 MAY_CHANGE = ("train.epochs", "train.resume", "train.num_workers", "train.device",
               "train.keep_checkpoints")
 NOT_TRAINING = ("demo.", "embed.", "retrieve.", "submit.", "data.root")
-SPLIT_KEY = "data.split"  # sha256 of the train and val manifests
+SPLIT_KEY = "data.split"  # sha256 of the train and val manifests' rows
+CONTENT_KEY = "data.content"  # sha256 of their images' bytes
 _ABSENT = "(not recorded)"
-REQUIRED = ("epoch", "epochs", "base", "signature", "state", "optimizer", "scheduler", "rng",
-            "history")
+REQUIRED = ("epoch", "epochs", "base", "signature", "state", "loss", "optimizer", "scheduler",
+            "rng", "history")
 
 
 def rng_state(loader_generator: torch.Generator) -> dict:
@@ -50,7 +54,12 @@ def rng_state(loader_generator: torch.Generator) -> dict:
 def restore_rng(state: dict, loader_generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU visible when saved; resumed where fewer are: those that fit.
+        visible = torch.cuda.device_count()
+        if len(state["cuda"]) > visible:
+            print(f"resuming with {visible} of the {len(state['cuda'])} GPUs' random states "
+                  f"the checkpoint holds (fewer GPUs visible now)")
+        torch.cuda.set_rng_state_all(state["cuda"][:visible])
     numpy = state["numpy"]
     np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"],
                          numpy["has_gauss"], numpy["gauss"]))
@@ -59,26 +68,35 @@ def restore_rng(state: dict, loader_generator: torch.Generator) -> None:
 
 
 def run_settings(params: Params, prepared: Path) -> dict:
-    """Every setting that shapes what training computes, as flat dotted keys, and the digest of
-    the train/val manifests (the data and its split). Built from the params dataclasses, so a
-    key added to params.yaml later is compared too unless listed in MAY_CHANGE/NOT_TRAINING."""
-    settings = {key: value for key, value in _flatten(dataclasses.asdict(params)).items()
+    """Every setting that shapes what training computes, as flat dotted keys, and the digests of
+    the train/val manifests and their images (the data and its split). Built from the params
+    dataclasses, so a key added to params.yaml later is compared too unless listed in
+    MAY_CHANGE/NOT_TRAINING."""
+    settings = {key: value for key, value in dotted(dataclasses.asdict(params)).items()
                 if key not in MAY_CHANGE and not key.startswith(NOT_TRAINING)}
-    digest = hashlib.sha256()
-    for split in ("train", "val"):
-        digest.update((Path(prepared) / f"{split}.csv").read_bytes())
-    settings[SPLIT_KEY] = digest.hexdigest()
+    digests = manifest_digests(prepared, ("train", "val"))
+    settings[SPLIT_KEY], settings[CONTENT_KEY] = digests["split"], digests["content"]
     return settings
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
+def checkpoint_to_resume(base: dict, signature: dict, epochs: int) -> dict | None:
+    """train.resume: the newest complete checkpoint, checked to belong to this run (base
+    weights, settings, data) and to end at most at train.epochs; None (said so) when there is
+    none to resume."""
+    checkpoint = newest_checkpoint()
+    if checkpoint is None:
+        print(f"train.resume: no checkpoint in {paths.CHECKPOINTS}, starting from epoch 0")
+        return None
+    check_compatible(checkpoint, base, signature)
+    epoch, path = checkpoint["epoch"], checkpoint["path"]
+    if epoch > epochs:
+        raise ClipcoreError(f"{path}: training reached epoch {epoch} but train.epochs is "
+                            f"{epochs}; raise it or set train.resume false")
+    if checkpoint["epochs"] != epochs:
+        print(f"train.epochs changed from {checkpoint['epochs']} to {epochs}: the warmup and "
+              f"cosine schedule continues as that of a {epochs}-epoch run (docs/training.md, "
+              f"Resuming)")
+    return checkpoint
 
 
 def newest_checkpoint(folder: Path = paths.CHECKPOINTS) -> dict | None:
@@ -133,5 +151,7 @@ def check_compatible(checkpoint: dict, base: dict, signature: dict) -> None:
 def _difference(key: str, stored: dict, now: dict) -> str:
     if key in (SPLIT_KEY, "classes"):  # long values: what changed says enough
         return f"other {key} (the train/val manifests changed)"
+    if key == CONTENT_KEY:
+        return f"other {key} (the bytes of training or val images changed)"
     was, value = stored.get(key, _ABSENT), now.get(key, _ABSENT)
     return f"{key}={was!r}, now {value!r}"

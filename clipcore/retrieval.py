@@ -20,7 +20,7 @@ from clipcore.manifests import labels_by_name, read_manifest
 from clipcore.measures import metrics_for_indices
 from clipcore.params import RetrieveParams
 from clipcore.pictures import draw_grid, picture_rows
-from clipcore.rerank import ranked
+from clipcore.rerank import check_memory, ranked
 from clipcore.search import index_spec, top_k
 
 SPLITS = ("query", "gallery")
@@ -68,7 +68,9 @@ def retrieve_all(params: RetrieveParams, data_root: Path,
     files = paths.epoch_files(paths.EMBEDDINGS, "epoch_*.npz")
     if not files:
         raise ClipcoreError(f"{paths.EMBEDDINGS}: no epoch_*.npz files (run `dvc repro embed`)")
+    _check_every_model_embedded(files)
     query, gallery = (_split(read_manifest(prepared, split), data_root) for split in SPLITS)
+    check_memory(params, len(query.names), len(gallery.names))
     rankings = {}
     with tqdm(files, desc="retrieve", unit="epoch") as bar:  # closed on error too: clean stderr
         for file in bar:
@@ -106,6 +108,18 @@ def _search(file: Path, query: Split, gallery: Split, params: RetrieveParams,
                                                    index=index_spec(params)))
     except ClipcoreError as exc:
         raise ClipcoreError(f"{file}: {exc}") from None
+
+
+def _check_every_model_embedded(files: list[Path]) -> None:
+    """An interrupted embed leaves the first epochs' files only: results for them alone would
+    pass for the whole run. (Without model files, embeddings copied alone, nothing to compare.)"""
+    models = [paths.epoch_of(f) for f in paths.epoch_files(paths.ALL_WEIGHTS, "model_epoch_*.pt")]
+    missing = sorted(set(models) - {paths.epoch_of(f) for f in files})
+    if missing:
+        raise ClipcoreError(
+            f"{paths.EMBEDDINGS}: no embeddings for epoch{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(map(str, missing))} of the {len(models)} model files in "
+            f"{paths.ALL_WEIGHTS} (an interrupted embed?); run `dvc repro embed`")
 
 
 def load_embeddings(path: Path) -> Embeddings:

@@ -1,4 +1,5 @@
-"""Training batches (train.sampler): random, or class-balanced P x K batches.
+"""Training batches (train.sampler): random, or class-balanced P x K batches; and each epoch's
+plan of them, where every image comes with the seed of its augmentation.
 
 With few images per class, random batches rarely hold two images of one class (921 identities
 x 5 images, batches of 64: about 2 same-class pairs per batch), so `same_class_positives` has
@@ -10,17 +11,26 @@ Both samplers are torch batch samplers (lists of indices) that draw each epoch's
 run's seeded generator when iteration starts, as torch's RandomSampler does: a new order every
 epoch, the same orders for the same seed, and a resumed run (which restores the generator from
 its checkpoint) draws what the uninterrupted run drew.
+
+An image's augmentation (random crop, flip) draws from a seed of its own, made from (seed, epoch,
+its place in the epoch), never from the DataLoader worker that happens to decode it: how many
+workers decode (train.num_workers, which may change on resume) or how many processes share a
+batch changes no image.
 """
 from __future__ import annotations
 
 from collections import deque
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, Sampler
 
 from clipcore.errors import ClipcoreError
+from clipcore.images import ImageFiles
 from clipcore.params import TrainParams
+
+Plan = list[list[tuple[int, int]]]  # an epoch's global batches of (image index, augmentation seed)
 
 
 def make_batches(labels: Sequence[int], train: TrainParams,
@@ -91,3 +101,24 @@ class _Turns:
                 taken.append(item)
         self.pending.extendleft(reversed(again))
         return taken
+
+
+def epoch_plan(batches: Sampler[list[int]], seed: int, epoch: int) -> Plan:
+    """The epoch's global batches (drawn from `batches` now), each image with its augmentation
+    seed: the same on every process and for any number of DataLoader workers."""
+    seeds = np.random.default_rng([seed, epoch])
+    return [list(zip(batch, seeds.integers(2**63, size=len(batch)).tolist())) for batch in batches]
+
+
+class SeededImages(ImageFiles):
+    """ImageFiles read by (image index, augmentation seed) keys: each image's transform draws
+    from torch's RNG seeded with its own seed, in a private RNG state, so the run's stream (which
+    dropout draws from) moves the same whether images are decoded here or in workers."""
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        # The CPU generator only: torch.manual_seed would reseed the CUDA generators as well.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return super().__getitem__(index)
+

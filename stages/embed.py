@@ -9,7 +9,7 @@ from clipcore.stage import run_stage
 
 def main() -> None:
     params = load_params()
-    if distributed.relaunch(params.train.processes, "stages.embed"):
+    if distributed.relaunch(params.train, "stages.embed"):
         return  # the processes torchrun started did the work
     report = embed_all(params, Path(params.data.root), paths.PREPARED)
     print(f"embedded {report.images['query']} queries and {report.images['gallery']} gallery "

@@ -10,7 +10,7 @@ from clipcore.training import train
 
 def main() -> None:
     params = load_params()
-    if distributed.relaunch(params.train.processes, "stages.train"):
+    if distributed.relaunch(params.train, "stages.train"):
         return  # the processes torchrun started did the work
     history = train(params, Path(params.data.root), paths.PREPARED)
     first, last = history[0], history[-1]

@@ -77,7 +77,7 @@ def test_frozen_run_file_holds_the_head_only(tmp_path):
 
 def test_inference_state_describes_its_base():
     state = inference_state(build_model(TINY), backbone_trained=False)
-    assert state["format"] == "clipcore-model/1"
+    assert state["format"] == "clipcore-model/2"
     assert state["model"] == {"name": "tiny", "pretrained": "none", "embed_dim": 512, "dropout": 0.1}
     assert state["base"] == {"name": "tiny", "pretrained": "none", "sha256": None}
     assert state["backbone_trained"] is False
@@ -144,6 +144,32 @@ def test_a_flipped_bit_is_caught_not_loaded(tmp_path):
     path.write_bytes(intact[:-100])  # cut short, as by a full disk
     with pytest.raises(DamagedFile, match=r"model_epoch_1\.pt: damaged: truncated"):
         load_file(path)
+
+
+def test_every_changed_byte_of_the_zip_trailer_counts_as_damage(tmp_path):
+    """Flip each byte of the zip's central directory and end record, where names, sizes and
+    offsets live. Before, many stopped with "not a clipcore file" (miniz's "unsupported
+    multidisk", "invalid header"), or a UnicodeDecodeError or NotImplementedError traceback,
+    instead of DamagedFile, on which resuming falls back to the epoch before."""
+    path = tmp_path / "weights_epoch_2.pth"
+    save_atomic({"epoch": 2, "head": torch.arange(6.0)}, path)
+    intact = path.read_bytes()
+    assert intact[-22:-18] == b"PK\x05\x06"  # the end record, no comment: 22 bytes
+    directory = int.from_bytes(intact[-6:-2], "little")  # where the central directory starts
+    outcomes = set()
+    for at in range(directory, len(intact)):
+        changed = bytearray(intact)
+        changed[at] ^= 0xFF
+        path.write_bytes(changed)
+        try:
+            loaded = load_file(path)
+        except DamagedFile as exc:
+            assert str(exc).startswith(f"{path}: damaged: ") and "\n" not in str(exc)
+            outcomes.add("damaged")
+        else:  # a field neither reader uses (a timestamp, an attribute): the same content
+            assert loaded["epoch"] == 2 and torch.equal(loaded["head"], torch.arange(6.0))
+            outcomes.add("loads")
+    assert outcomes == {"damaged", "loads"}
 
 
 def test_failed_serialisation_leaves_the_old_file(tmp_path):

@@ -1,7 +1,8 @@
 """Several processes (train.processes, torch.distributed with gloo on CPU): two processes compute
-the loss and gradients one process computes on the same global batch; the train and embed
-stages on two processes write what one process writes; resuming with another process count
-stops with one line.
+the loss and gradients one process computes on the same global batch (through DDP, frozen and
+unfrozen); the train and embed stages on two processes, and on two loopback "nodes", write what
+one process writes; resuming with another process count stops with one line; a failing
+process's error reaches the user; a batch too small to share is refused before any work.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from clipcore import distributed, paths
 from clipcore.checkpoint import load_file
 from clipcore.embedding import embed_all
 from clipcore.errors import ClipcoreError
-from clipcore.loss import RetrievalClipLoss, TextTargets
+from clipcore.loss import TextTargets
+from clipcore.losses import ClipObjective
 from clipcore.model import build_model
 from clipcore.params import ModelParams, Params, load_params
 from clipcore.training import METRIC_COLUMNS, train
@@ -47,25 +49,31 @@ COMPARED = ("train_loss", "val_loss", "top1", "top5", "top10", "score", "precisi
 
 # --- the loss and its gradients ------------------------------------------------------------
 
-def loss_and_gradients(world: distributed.World, same_class_positives: bool) -> dict:
+def loss_and_gradients(world: distributed.World, frozen: bool, same_class_positives: bool
+                       ) -> dict:
     """One training step's loss and gradients on a fixed global batch of 7 images through the
-    tiny model (visual tower trainable), from this process's share of the batch."""
+    tiny model (the visual tower trainable unless frozen: then the head on stored features),
+    from this process's share of the batch, through the trainer's forward and backward."""
     model = build_model(TINY).eval()  # seeded random init: the same weights in every process
-    model.set_backbone_trainable(True)
+    model.set_backbone_trainable(not frozen)
     targets = TextTargets(torch.randn(3, 512, generator=torch.Generator().manual_seed(1)),
                           learnable=True)
     images = torch.randn(len(LABELS), 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    inputs = model.backbone_features(images).detach() if frozen else images
     labels = torch.tensor(LABELS)
-    mine = world.shard(range(len(LABELS)))
-    local = model(images[list(mine)])
-    embeddings, labels, rows = world.gather_batch(local, labels[list(mine)])
-    loss = RetrievalClipLoss(same_class_positives)(
-        embeddings, targets(labels), labels, model.clip.logit_scale, rows=rows)
-    loss.backward()
+    mine = list(world.shard(range(len(LABELS))))
+    objective = ClipObjective(targets, model.clip.logit_scale, same_class_positives)
+    forward = world.trained(model, objective, frozen)  # DDP's hooks live while it does
+    local = forward(inputs[mine])
+    embeddings, labels, rows = world.gather_batch(local, labels[mine], len(LABELS))
+    loss = objective(embeddings, labels, rows)
+    world.backward(loss)
     named = {**{f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad},
              **{f"targets.{n}": p for n, p in targets.named_parameters()}}
-    world.sum_gradients(list(named.values()))
     return {"loss": world.sum(loss), "grads": {n: p.grad.clone() for n, p in named.items()}}
+
+
+MODES = [(frozen, positives) for frozen in (True, False) for positives in (True, False)]
 
 
 def free_port() -> int:
@@ -80,18 +88,19 @@ def gloo_process(rank: int, port: int, folder: str) -> None:
                       LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
     world = distributed.join("cpu")
     assert (world.rank, world.size) == (rank, 2)
-    results = {mode: loss_and_gradients(world, mode) for mode in (True, False)}
+    results = {mode: loss_and_gradients(world, *mode) for mode in MODES}
     torch.save(results, Path(folder) / f"rank_{rank}.pt")
 
 
 def test_two_processes_give_one_process_loss_and_gradients(tmp_path):
     torch.multiprocessing.start_processes(gloo_process, args=(free_port(), str(tmp_path)),
                                           nprocs=2, start_method="spawn")
-    for same_class_positives in (True, False):
-        alone = loss_and_gradients(distributed.World(), same_class_positives)
-        assert alone["grads"]["model.clip.visual.conv1.weight"].abs().sum() > 0
+    for mode in MODES:
+        alone = loss_and_gradients(distributed.World(), *mode)
+        trained = "model.head.linear.weight" if mode[0] else "model.clip.visual.conv1.weight"
+        assert alone["grads"][trained].abs().sum() > 0
         for rank in (0, 1):
-            shared = torch.load(tmp_path / f"rank_{rank}.pt")[same_class_positives]
+            shared = torch.load(tmp_path / f"rank_{rank}.pt")[mode]
             assert shared["loss"] == pytest.approx(alone["loss"], abs=1e-5)
             assert shared["grads"].keys() == alone["grads"].keys()
             for name, grad in alone["grads"].items():
@@ -108,11 +117,11 @@ def test_shares_are_contiguous_and_cover_every_item_once():
 
 # --- the stages on two processes ---------------------------------------------------------
 
-def stage(folder: Path, name: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=folder, env=env,
+def stage(folder: Path, name: str, fails: bool = False, **env) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=folder,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env},
                           capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == (1 if fails else 0), done.stderr[-3000:]
     return done
 
 
@@ -234,3 +243,54 @@ def test_resume_on_two_processes_ends_as_the_run_that_never_stopped(
     a = load_file(folder / paths.model_path(2))["state"]
     b = load_file(finished / paths.model_path(2))["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_multi_node_run_over_loopback_writes_the_one_node_run(
+        two_process_runs, tmp_path, small_demo):
+    """Two torchrun "nodes" of one process each (the stage's relaunch reads torchrun's PET_*
+    rendezvous, docs Scaling out) on this machine: the run of two processes on one node."""
+    one_node, _ = two_process_runs(True)
+    folder = project(tmp_path, small_demo, {"train.processes": 1, "train.freeze_backbone": True,
+                                            "train.epochs": EPOCHS[True]})
+    rendezvous = {"PET_NNODES": "2", "PET_MASTER_ADDR": "127.0.0.1",
+                  "PET_MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **rendezvous, "PYTHONPATH": str(REPO)}
+    nodes = [subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=folder,
+                              env={**env, "PET_NODE_RANK": str(node)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for node in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:]
+    assert "2 processes (gloo)" in outputs[0][0]
+    rows, expected = metric_rows(folder), metric_rows(one_node)
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in expected] == ["0", "1", "2"]
+    for row, same in zip(rows, expected):
+        assert [row[c] for c in COMPARED] == [same[c] for c in COMPARED]
+
+
+def test_a_failing_process_is_named_with_its_error_last(tmp_path, small_demo):
+    """An unreadable training image in rank 1's share: rank 1's one-line error (naming the file)
+    is the last line; rank 0's echo of it (a closed connection) comes before."""
+    root, prepared = small_demo
+    data = tmp_path / "data_root"
+    data.mkdir()
+    for part in ("train", "test"):
+        (data / part).symlink_to(root / part)
+    (data / "broken.png").write_bytes(b"not a picture")
+    folder = project(tmp_path, small_demo, {"train.processes": 2, "data.root": "data_root"})
+    manifest = pd.read_csv(folder / paths.PREPARED / "train.csv")
+    manifest.loc[len(manifest) - 1, "path"] = "broken.png"  # the last: rank 1's share
+    manifest.to_csv(folder / paths.PREPARED / "train.csv", index=False)
+    stderr = stage(folder, "train", fails=True, OMP_NUM_THREADS="1").stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stages.train: ") and "rank 1: " in last
+    assert "broken.png" in last and "dvc repro prepare" in last
+    assert stderr.count("Traceback") <= 1  # rank 0's alone: the console shows local rank 0
+
+
+def test_odd_process_counts_are_refused_with_the_keys_named(params_factory):
+    with pytest.raises(ClipcoreError) as error:
+        params_factory({"train.processes": 3, "train.batch_size": 2})
+    assert "'train.batch_size' (2)" in str(error.value)
+    assert "'train.processes' (3)" in str(error.value)
+    assert params_factory({"train.processes": 3, "train.batch_size": 3}).train.processes == 3

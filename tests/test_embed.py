@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
@@ -147,3 +148,31 @@ def test_stage_without_model_files_fails_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: repository/all_weights: no model_epoch_*.pt files (run dvc repro train)"]
     assert not (tmp_path / paths.EMBEDDINGS).exists()
+
+
+_interrupt_at_next_fork: list[bool] = []
+
+
+def _interrupt_once() -> None:
+    if _interrupt_at_next_fork:
+        _interrupt_at_next_fork.clear()
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, right as a loader worker is forked
+
+
+os.register_at_fork(after_in_parent=_interrupt_once)
+
+
+def test_ctrl_c_while_loader_workers_start_stops_the_run(tmp_path, params_factory,
+                                                         prepared_demo):
+    """Python runs its at-fork handlers (logging's lock release) with any KeyboardInterrupt
+    they raise printed as "Exception ignored" and dropped: before, a Ctrl-C that came while the
+    DataLoader forked its workers was swallowed and the embedding ran on to the end."""
+    params = params_factory({**TINY, "embed.num_workers": 2})
+    with contextlib.chdir(tmp_path):
+        save_model(build_model(params.model), paths.model_path(0), backbone_trained=False,
+                   epoch=0)
+        _interrupt_at_next_fork.append(True)
+        with pytest.raises(KeyboardInterrupt):
+            embed_all(params, *prepared_demo)
+        assert not _interrupt_at_next_fork  # the interrupt came during a fork
+        assert not paths.embeddings_path(0).exists()

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipcore.loss import RetrievalClipLoss, TextTargets
+from clipcore.loss import RetrievalClipLoss, TextTargets, text_targets
+from clipcore.model import MlpHead
 
 LN_100 = torch.tensor(math.log(100))
 CLASSES, PER_CLASS, DIM = 4, 4, 512
@@ -87,3 +88,26 @@ def test_frozen_targets_are_a_buffer_learnable_ones_train():
     changed = (learnable.targets.detach() != before).any(dim=1)
     assert changed.tolist() == [False, True, False]  # only the class in the batch moved
     assert torch.allclose(learnable(torch.arange(3)).norm(dim=1), torch.ones(3))
+
+
+def test_a_text_head_trains_over_frozen_captions_with_dropout_per_row():
+    """loss.text_targets head (the seed's): the caption embeddings stay, the head over them trains;
+    in training its dropout differs between rows of one class, in eval it is off."""
+    torch.manual_seed(0)
+    captions = torch.randn(3, 8)
+    targets = text_targets("head", captions, dropout=0.5)
+    assert isinstance(targets.head, MlpHead)
+    assert [name for name, _ in targets.named_parameters()] == ["head.linear.weight",
+                                                               "head.linear.bias"]
+    frozen, weight = targets.targets.clone(), targets.head.linear.weight.detach().clone()
+    same_class = targets(torch.tensor([1, 1]))
+    assert not torch.allclose(same_class[0], same_class[1])  # dropout drawn per row
+    targets.eval()
+    rows = targets(torch.tensor([2, 0, 2]))
+    expected = F.normalize(F.gelu(targets.head.linear(F.normalize(captions, dim=-1))), dim=-1)
+    assert torch.allclose(rows, expected[[2, 0, 2]])
+    optimizer = torch.optim.SGD(targets.parameters(), lr=0.1)
+    rows.sum().backward()
+    optimizer.step()
+    assert torch.equal(targets.targets, frozen) and not torch.equal(targets.head.linear.weight,
+                                                                      weight)

@@ -15,6 +15,7 @@ from open_clip.transformer import QuickGELU
 from PIL import Image
 from safetensors.torch import save_file
 
+from clipcore.checkpoint import load_file, load_model, save_atomic, save_model
 from clipcore.errors import ClipcoreError
 from clipcore.images import load_rgb
 from clipcore.model import MAX_LOGIT_SCALE, build_model, file_sha256
@@ -73,6 +74,50 @@ def test_none_is_the_same_random_base_every_time(model):
     assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream is untouched
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def pending_cuda_seed() -> int | None:
+    """The seed torch gives the CUDA generators when CUDA starts: seeding before then is queued
+    (torch.cuda._lazy_seed_tracker, private; the only view of it without a GPU)."""
+    queued = [call for call in torch.cuda._lazy_seed_tracker.get_calls() if call]
+    if not queued:
+        return None
+    callback = queued[-1][0]
+    cells = dict(zip(callback.__code__.co_freevars, callback.__closure__))
+    return cells["seed"].cell_contents
+
+
+def test_building_a_model_leaves_the_cuda_generators_to_the_run_seed():
+    """Before, build_model's private seeding (torch.manual_seed(0) inside fork_rng(devices=[]))
+    reseeded every CUDA generator with 0 and left it so: on a GPU, dropout started from seed 0
+    whatever `seed` said."""
+    torch.manual_seed(1234)  # as the trainer seeds before building its model
+    cuda_before = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    build_model(TINY)
+    if cuda_before is None:
+        assert pending_cuda_seed() == 1234
+    else:
+        after = torch.cuda.get_rng_state_all()
+        assert all(torch.equal(a, b) for a, b in zip(cuda_before, after))
+
+
+def test_a_model_file_of_the_older_format_names_its_version(tmp_path, model):
+    """Before, a file from before the head standardised its input (no head.mean/head.std) failed
+    with "tensors do not match a tiny model": nothing said it came from another version."""
+    path = tmp_path / "model_epoch_1.pt"
+    save_model(model, path, backbone_trained=False, epoch=1)
+    old = load_file(path)
+    old["format"] = "clipcore-model/1"
+    old["model"].pop("head", None)
+    old["state"] = {k: v for k, v in old["state"].items() if k not in ("head.mean", "head.std")}
+    save_atomic(old, path)
+    with pytest.raises(ClipcoreError) as error:
+        load_model(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message
+    assert "another clipcore version (format 'clipcore-model/1', this one reads " \
+           "'clipcore-model/2'" in message
+    assert "dvc repro train" in message
 
 
 def test_identity_head_gives_zero_shot_clip_embeddings(model, images):

@@ -72,9 +72,20 @@ def without(dotted: str) -> dict:
     (with_overrides(default_params_dict(), {"train": [1, 2]}), "train must be a mapping"),
     (with_overrides(default_params_dict(), {"data.caption_template": "a photo"}),
      "'data.caption_template' must contain {name}"),
+    (with_overrides(default_params_dict(), {"model.head": "linear"}), "'model.head'"),
+    (with_overrides(default_params_dict(), {"train.optimizer": "sgd"}), "'train.optimizer'"),
+    (with_overrides(default_params_dict(), {"train.schedule": "step"}), "'train.schedule'"),
+    (with_overrides(default_params_dict(), {"train.clamp_temperature": "no"}),
+     "'train.clamp_temperature'"),
+    (with_overrides(default_params_dict(), {"loss.text_targets": "head"}),
+     "'loss.target_init' must be caption with 'loss.text_targets: head'"),
+    (with_overrides(default_params_dict(), {"model.head": "mlp", "embed.wise_ft_alpha": 0.5}),
+     "'embed.wise_ft_alpha' must be 1.0 with 'model.head: mlp'"),
 ], ids=["unknown-top", "unknown-nested", "missing-top", "missing-nested", "string-for-int",
         "int-for-bool", "bool-for-int", "negative-epochs", "val-fraction-1", "bad-val-split",
-        "bad-metric", "section-not-mapping", "template-without-name"])
+        "bad-metric", "section-not-mapping", "template-without-name", "bad-head",
+        "bad-optimizer", "bad-schedule", "string-for-clamp", "text-head-with-class-mean",
+        "wise-ft-with-mlp-head"])
 def test_each_mistake_is_one_line_naming_the_key(raw, key):
     with pytest.raises(ParamsError) as caught:
         parse_params(raw)

@@ -2,15 +2,20 @@
 the captions it writes, and how it splits train from val."""
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from clipcore.errors import ClipcoreError
+from clipcore.images import load_rgb
 from clipcore.manifests import labels_by_name, prepare, read_manifest
+from clipcore.resume import check_compatible, run_settings
 
 
 def image(path: Path, shade: int = 0) -> None:
@@ -214,10 +219,108 @@ def test_class_split_needs_two_classes_each_side(tmp_path, params_factory):
 
 def test_zero_val_fraction_writes_a_header_only_val(tmp_path, data):
     out, _ = run(make_root(tmp_path, {"cat": 3, "dog": 3}), data)
-    assert (out / "val.csv").read_text() == "path,label,caption\n"
+    assert (out / "val.csv").read_text() == "path,label,caption,sha256\n"
     assert len(read_manifest(out, "train")) == 6
 
 
 def test_missing_manifest_says_to_run_prepare(tmp_path):
     with pytest.raises(ClipcoreError, match=r"train.csv: manifest not found \(run `dvc repro"):
         read_manifest(tmp_path, "train")
+
+
+def test_progress_bar_counts_every_image(tmp_path, data, capsys):
+    """Before, the bar stopped at 5/6: it looked like a skipped image."""
+    run(make_root(tmp_path, {"cat": 1, "dog": 1}), data)
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "checking images" in last and "6/6" in last
+
+
+@pytest.mark.parametrize("split", ["query", "gallery"])
+@pytest.mark.parametrize("labelled", [True, False], ids=["labelled", "unlabelled"])
+def test_an_unreadable_test_image_stops_prepare_naming_it(tmp_path, data, split, labelled):
+    """The server ranks every query against every gallery image: before, a broken one was
+    skipped with a warning and every submission failed later ("missing 1 of 8 queries")."""
+    root = make_root(tmp_path, {"cat": 1, "dog": 1})
+    broken = root / "test" / split / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (root / "test" / split / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    if labelled:
+        write_labels(root, [("query", "q0.png", "cat"), ("query", "q1.jpg", "dog"),
+                            ("gallery", "g0.png", "dog"), ("gallery", "g1.png", "cat"),
+                            (split, "broken.png", "cat"), (split, "cut.jpg", "dog")])
+    with pytest.raises(ClipcoreError) as caught:
+        run(root, data)
+    message = str(caught.value)
+    assert message.startswith(f"{root}/test/{split}/broken.png: cannot read a {split} image (")
+    assert message.endswith(" and 1 more; the server ranks every query against every gallery "
+                            "image: replace them with readable copies")
+    assert "\n" not in message and not (root.parent / "prepared").exists()
+
+
+def test_an_unreadable_training_image_is_still_skipped(tmp_path, data):
+    root = make_root(tmp_path, {"cat": 2, "dog": 1})
+    (root / "train" / "cat" / "cat_1.png").write_bytes(b"garbage")
+    out, report = run(root, data)
+    assert [path for path, _ in report.skipped] == ["train/cat/cat_1.png"]
+    assert len(read_manifest(out, "train")) == 2
+
+
+@pytest.mark.parametrize("where", ["train/cat/caf\xe9.png", "train/caf\xe9/a.png",
+                                   "test/query/caf\xe9.png"], ids=["file", "folder", "query"])
+def test_a_file_name_that_is_not_utf8_is_named(tmp_path, data, where):
+    """Before: a UnicodeEncodeError traceback while writing the manifests, naming no file."""
+    root = make_root(tmp_path, {"cat": 1})
+    raw = os.fsencode(root) + b"/" + where.encode("latin-1")  # é as one byte: not UTF-8
+    os.makedirs(os.path.dirname(raw), exist_ok=True)
+    with open(raw, "wb") as f:
+        Image.new("RGB", (8, 8)).save(f, format="PNG")
+    with pytest.raises(ClipcoreError) as caught:
+        run(root, data)
+    message, shown = str(caught.value), where.replace("\xe9", r"\xe9")
+    assert message == (f"{root}/{shown}: file or folder name is not "
+                       f"UTF-8; rename it (the manifests and results hold names as UTF-8)")
+    message.encode("utf-8")  # printable as the stage's error line
+
+
+def test_16_bit_greyscale_keeps_its_tones(tmp_path, data):
+    """PIL's convert("RGB") clips 16-bit values at 255: a 16-bit PNG came out as 0 and 255 only."""
+    ramp = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)
+    root = make_root(tmp_path, {"cat": 1})
+    for path in (root / "train/cat/deep.png", root / "test/query/deep.tif"):
+        Image.fromarray(ramp).save(path)  # mode I;16: 16 bits per pixel
+        with Image.open(path) as written:
+            assert written.mode == "I;16"
+        rgb = np.asarray(load_rgb(path))
+        assert rgb.shape == (16, 16, 3)
+        assert (rgb[..., 0] == np.arange(256).reshape(16, 16)).all()  # 257 v >> 8 == v
+    out, report = run(root, data)
+    assert report.skipped == [] and "train/cat/deep.png" in list(read_manifest(out, "train")["path"])
+
+
+def test_manifests_hold_each_files_sha256(tmp_path, data):
+    root = make_root(tmp_path, {"cat": 1})
+    out, _ = run(root, data)
+    for split in ("train", "query", "gallery"):
+        for path, digest in zip(*read_manifest(out, split)[["path", "sha256"]].T.values):
+            assert digest == hashlib.sha256((root / path).read_bytes()).hexdigest()
+
+
+def test_changed_pixels_under_the_same_names_stop_a_resume_naming_them(tmp_path, params_factory):
+    """Before, the run signature hashed the manifests' names and labels only: a training image
+    changed in place resumed silently, mixing two data sets in one model."""
+    root = make_root(tmp_path, {"cat": 2, "dog": 2})
+    params = params_factory({"data.val_fraction": 0.0})
+    out, _ = run(root, params.data)
+    stored = {"path": Path("weights_epoch_1.pth"), "base": {},
+              "signature": run_settings(params, out)}
+    image(root / "train" / "dog" / "dog_1.png", shade=99)  # same name, other pixels
+    run(root, params.data)
+    with pytest.raises(ClipcoreError) as caught:
+        check_compatible(stored, {}, run_settings(params, out))
+    assert str(caught.value).startswith(
+        "weights_epoch_1.pth: made with other data.content (the bytes of training or val images "
+        "changed); set train.resume false to start over")
+    image(root / "test" / "query" / "q0.png", shade=99)  # test images: no part of training
+    image(root / "train" / "dog" / "dog_1.png", shade=1)  # back as it was
+    run(root, params.data)
+    check_compatible(stored, {}, run_settings(params, out))

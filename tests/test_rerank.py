@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from clipcore import paths
 from clipcore.errors import ClipcoreError
 from clipcore.manifests import labels_by_name, read_manifest
 from clipcore.params import ParamsError
-from clipcore.rerank import (_shared_weight, augment_database, expand_queries,
+from clipcore.rerank import (_shared_weight, augment_database, check_memory, expand_queries,
                              k_reciprocal_distances, ranked)
 from clipcore.retrieval import retrieve_all
 from clipcore.search import top_k
@@ -162,3 +163,39 @@ def test_sparse_jaccard_overlap_equals_the_dense_sum_of_minima():
     weights[np.arange(12), np.arange(12)] = 0.5  # every point weighs itself, as in re-ranking
     dense = np.stack([np.minimum(weights[i], weights).sum(axis=1) for i in range(5)])
     np.testing.assert_allclose(_shared_weight(weights, 5), dense, rtol=1e-6)
+
+
+def test_k_reciprocal_beyond_this_machines_memory_is_refused(params_factory):
+    """It holds several (queries + gallery)^2 matrices: 2M test images would need 80 TB."""
+    params = retrieve_params(params_factory, rerank="kreciprocal")
+    with pytest.raises(ClipcoreError, match=r"^retrieve\.rerank kreciprocal compares all "
+                                            r"2,000,000 query and gallery images pairwise: "
+                                            r"about 80,000\.0 GB, more than the [\d,.]+ GB "
+                                            r"this machine has; use rerank aqe or none$"):
+        check_memory(params, 1_000_000, 1_000_000)
+    check_memory(params, 1_500, 1_500)  # the competition's size: about 0.2 GB
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivf"])
+def test_k_reciprocal_with_an_approximate_index_says_it_searches_exactly(
+        tmp_path, params_factory, prepared_demo, index, capsys):
+    """Before, retrieve.index hnsw|ivf was silently ignored by k-reciprocal re-ranking."""
+    data_root, prepared = prepared_demo
+    frames = {split: read_manifest(prepared, split) for split in ("query", "gallery")}
+    rng = np.random.default_rng(0)
+    with contextlib.chdir(tmp_path):
+        paths.EMBEDDINGS.mkdir(parents=True)
+        for epoch in (0, 1):
+            np.savez(paths.embeddings_path(epoch),
+                     **{split: rng.normal(size=(len(frame), 8)) for split, frame in frames.items()},
+                     **{f"{split}_names": np.array([p.rsplit("/", 1)[-1] for p in frame["path"]])
+                        for split, frame in frames.items()})
+        retrieve_all(retrieve_params(params_factory, rerank="kreciprocal", index=index,
+                                     picture_queries=0), data_root, prepared)
+    n = sum(len(frame) for frame in frames.values())
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1  # once, not once per epoch
+    assert re.fullmatch(
+        rf"warning: retrieve\.rerank kreciprocal ranks by exact distances between all {n} query "
+        rf"and gallery images, whatever retrieve\.index \({index}\) says: about \d+ MB here, "
+        rf"growing with the square of that number", warnings[0])

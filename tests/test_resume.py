@@ -55,6 +55,8 @@ def flat_keys(raw: dict, prefix: str = "") -> list[str]:
 
 def changed(value, field_choices):
     """Another valid value of the same type."""
+    if value == "auto":  # a count chosen at run time: any count is another value
+        return 1
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):

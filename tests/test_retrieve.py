@@ -12,9 +12,11 @@ import pytest
 from PIL import Image
 
 from clipcore import paths, pictures
+from clipcore.checkpoint import save_model
 from clipcore.errors import ClipcoreError
 from clipcore.manifests import read_manifest
 from clipcore.embedding import embed_all
+from clipcore.model import build_model
 from clipcore.retrieval import retrieve_all
 from clipcore.training import train
 from conftest import write_params
@@ -230,6 +232,22 @@ def test_broken_embeddings_name_the_file(project, params_factory, content, messa
         target.write_bytes(content)
     with pytest.raises(ClipcoreError, match=rf"epoch_1\.npz: .*{message}"):
         run(params_factory, project)
+
+
+def test_embeddings_missing_for_some_model_files_are_refused(project, params_factory):
+    """After an interrupted embed, before: results for the epochs it finished, without a word,
+    and submit then recorded those alone as the run."""
+    model = build_model(params_factory({"model.name": "tiny", "model.pretrained": "none"}).model)
+    for epoch in range(4):
+        save_model(model, paths.model_path(epoch), backbone_trained=False, epoch=epoch)
+    with pytest.raises(ClipcoreError, match=r"^repository/embeddings: no embeddings for epochs "
+                                            r"2, 3 of the 4 model files in repository/all_weights "
+                                            r"\(an interrupted embed\?\); run `dvc repro embed`$"):
+        run(params_factory, project)
+    assert not paths.RESULTS.exists()
+    for epoch in (2, 3):
+        write_embeddings(epoch, EPOCH1)
+    assert len(run(params_factory, project).results) == 4
 
 
 def test_top_k_beyond_the_gallery_names_the_param(project, params_factory):

@@ -8,13 +8,15 @@ from collections import Counter
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import BatchSampler, RandomSampler
+from torchvision import transforms
 
 from clipcore.errors import ClipcoreError
 from clipcore.loss import RetrievalClipLoss
 from clipcore.manifests import read_manifest
 from clipcore.params import ParamsError
-from clipcore.sampling import ClassBalancedBatchSampler, make_batches
+from clipcore.sampling import ClassBalancedBatchSampler, SeededImages, epoch_plan, make_batches
 from clipcore.training import train
 
 # 10 classes of 5 images and one class of 3 (fewer than K).
@@ -68,6 +70,43 @@ def test_too_few_classes_or_a_batch_not_a_multiple_of_k_name_the_key(params_fact
                         "train.images_per_class": 4})
 
 
+def test_class_balanced_batches_with_same_class_negatives_are_refused(params_factory):
+    """Before, the run went on: each image's K - 1 same-class batch mates were its negatives."""
+    with pytest.raises(ParamsError) as error:
+        params_factory({"train.sampler": "class_balanced", "loss.same_class_positives": False})
+    message = str(error.value)
+    assert "\n" not in message
+    assert "'train.sampler: class_balanced'" in message
+    assert "'loss.same_class_positives: true'" in message
+    params_factory({"train.sampler": "random", "loss.same_class_positives": False})  # the seed's
+
+
+def test_an_images_augmentation_comes_from_its_own_seed(tmp_path):
+    """Not from the worker or process that decodes it, nor from the run's random stream (which
+    dropout draws from): each image of an epoch's plan carries a seed of its own."""
+    path = tmp_path / "image.png"
+    noise = torch.randint(0, 256, (40, 40, 3), generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.numpy().astype("uint8")).save(path)
+    images = SeededImages([path], transforms.Compose([
+        transforms.RandomResizedCrop(16), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor()]))
+    torch.manual_seed(0)
+    stream = torch.get_rng_state()
+    first, position = images[(0, 7)]
+    assert position == 0 and torch.equal(torch.get_rng_state(), stream)
+    torch.manual_seed(1)  # another state of the run's stream: the same image
+    assert torch.equal(images[(0, 7)][0], first)
+    assert not torch.equal(images[(0, 8)][0], first)
+
+    batches = [[3, 1], [0, 2]]
+    plan = epoch_plan(batches, seed=42, epoch=1)
+    assert [[index for index, _ in batch] for batch in plan] == batches
+    assert epoch_plan(batches, seed=42, epoch=1) == plan  # the same wherever it is drawn
+    seeds = [seed for batch in plan for _, seed in batch]
+    assert len(set(seeds)) == 4
+    assert not set(seeds) & {s for b in epoch_plan(batches, seed=42, epoch=2) for _, s in b}
+
+
 def test_random_sampler_is_unchanged(params_factory):
     params = params_factory()
     assert params.train.sampler == "random"
@@ -92,14 +131,13 @@ def batch_labels():
         yield seen
 
 
-@pytest.mark.parametrize("frozen, same_class_positives", [(True, True), (False, False)])
-def test_training_on_class_balanced_batches(tmp_path, params_factory, prepared_demo, frozen,
-                                            same_class_positives):
+@pytest.mark.parametrize("frozen", [True, False])
+def test_training_on_class_balanced_batches(tmp_path, params_factory, prepared_demo, frozen):
     # The demo's 10 digits: batches of 64 as 8 classes x 8 images.
     params = params_factory({
         "model.name": "tiny", "model.pretrained": "none", "train.num_workers": 0,
         "train.epochs": 1, "train.freeze_backbone": frozen, "train.sampler": "class_balanced",
-        "train.images_per_class": 8, "loss.same_class_positives": same_class_positives})
+        "train.images_per_class": 8})
     with contextlib.chdir(tmp_path), batch_labels() as seen:
         history = train(params, *prepared_demo)
     assert math.isfinite(history[1]["train_loss"]) and math.isfinite(history[1]["score"])

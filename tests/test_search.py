@@ -217,3 +217,13 @@ def test_nlist_too_large_to_train_names_the_param_and_sizes():
     with pytest.raises(ClipcoreError, match=r"retrieve\.ivf\.nlist=100 needs at least 3,900 "
                                             r"gallery vectors .* the gallery has 3,000"):
         top_k(QUERY_3K, GALLERY_3K, 10, index=IvfParams(nlist=100, nprobe=8))
+
+
+@pytest.mark.parametrize("nlist", [0, 1])
+def test_a_gallery_too_small_for_two_lists_is_searched_without_a_faiss_warning(nlist, capfd):
+    """Before: FAISS printed `WARNING clustering 12 points to 1 centroids` on stderr, for
+    a k-means that cannot split anything: one list is the whole gallery, scanned exactly."""
+    gallery, query = GALLERY_3K[:12], QUERY_3K[:3]
+    found = top_k(query, gallery, 5, index=IvfParams(nlist=nlist, nprobe=1))
+    assert (found == brute_force(query, gallery, 5, "cosine")).all()
+    assert capfd.readouterr().err == ""

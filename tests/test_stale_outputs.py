@@ -38,9 +38,10 @@ def test_failed_runs_keep_the_earlier_outputs(tmp_path, params_factory, prepared
             embed_all(params, *prepared_demo)
         assert paths.embeddings_path(1).read_bytes() == earlier[paths.embeddings_path(1)]
 
-        # retrieve: epoch 1 is gone from the embeddings and writing epoch 0's picture fails.
-        # Before, every earlier result file and picture had been deleted by then.
+        # retrieve: epoch 1 is gone (model file and embeddings) and writing epoch 0's picture
+        # fails. Before, every earlier result file and picture had been deleted by then.
         shutil.move(paths.embeddings_path(1), tmp_path / "aside.npz")
+        shutil.move(paths.model_path(1), tmp_path / "aside.pt")
         paths.picture_path(0).unlink()
         paths.picture_path(0).mkdir()  # a folder where the picture goes: the write fails
         with pytest.raises(ClipcoreError, match=r"epoch_0\.png: cannot write"):

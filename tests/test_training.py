@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -16,9 +17,10 @@ import torch
 from clipcore import paths
 from clipcore.checkpoint import load_file
 from clipcore.errors import ClipcoreError
+from clipcore.features import backbone_features
 from clipcore.manifests import read_manifest
-from clipcore.model import build_model
-from clipcore.training import METRIC_COLUMNS, Trainer, train
+from clipcore.model import FineTunedCLIP, build_model
+from clipcore.training import LOSS_SHOWN_EVERY, METRIC_COLUMNS, Trainer, train
 
 TINY = {"model.name": "tiny", "model.pretrained": "none", "train.num_workers": 0}
 # The tiny random backbone needs a brisker lr than the ViT-B/32 default to learn in 5 epochs.
@@ -65,6 +67,37 @@ def model_files_equal(first, second, epochs: int) -> bool:
         if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
             return False
     return True
+
+
+@contextlib.contextmanager
+def images_through_the_tower():
+    """How many images each pass of the image tower took, in order."""
+    seen = []
+    original = FineTunedCLIP.backbone_features
+
+    def counting(self, images):
+        seen.append(len(images))
+        return original(self, images)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FineTunedCLIP, "backbone_features", counting)
+        yield seen
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Where clipcore's own code reads tensor values back to the host (.item(), .tolist()): on a
+    GPU each such read waits for all the work queued before it."""
+    reads = []
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("item", "tolist"):
+            def reading(self, *args, _original=getattr(torch.Tensor, name), _name=name):
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                if caller.startswith("clipcore"):
+                    reads.append(f"{caller} .{_name}()")
+                return _original(self, *args)
+            patch.setattr(torch.Tensor, name, reading)
+        yield reads
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +155,22 @@ def test_every_val_image_is_scored_as_a_query(frozen_run, prepared_demo):
 
 @pytest.mark.parametrize("frozen", [True, False])
 def test_backbone_changes_only_when_unfrozen(params_factory, prepared_demo, frozen):
+    """...and the backbone features an epoch validates with are those of the backbone as it is:
+    kept from the start when frozen, computed again once it trained."""
     params = params_factory({**LEARNING, "train.freeze_backbone": frozen, "train.num_workers": 0})
     trainer = Trainer(params, *prepared_demo)
+    trainer.start()
+    base_features = trainer.features(trainer.val_split)
     before = {k: v.clone() for k, v in trainer.model.clip.state_dict().items()}
     head = trainer.model.head.linear.weight.clone()
     trainer.train_epoch(1)
+    validated = trainer.features(trainer.val_split)  # what the epoch's validation used
+    if frozen:
+        assert validated is base_features  # one pass for the whole run
+    else:
+        now = backbone_features(trainer.model, trainer.val_split.paths, batch_size=64,
+                                num_workers=0, desc="check")
+        assert not torch.equal(validated, base_features) and torch.equal(validated, now)
     after = trainer.model.clip.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert not torch.equal(head, trainer.model.head.linear.weight)
@@ -151,17 +195,45 @@ def test_same_seed_same_metrics_and_weights(frozen_run, tmp_path, params_factory
     FROZEN, {**LEARNING, "train.epochs": 2, "train.num_workers": 2}], ids=["frozen", "unfrozen"])
 def test_interrupted_run_resumes_to_the_same_end(overrides, tmp_path, params_factory,
                                                  prepared_demo):
-    """The unfrozen case draws augmentations in DataLoader workers."""
+    """The unfrozen case draws augmentations while two DataLoader workers decode, and resumes
+    with none (train.num_workers may change on resume). Before, that ended with other weights
+    (each worker drew augmentations from its own seed), and the resumed run passed every
+    training image through the image tower for starting statistics that the checkpoint's
+    then replaced."""
     params = params_factory(overrides)
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
-    history = run(whole, params, prepared_demo)
+    tower_after_epoch = []
+    with images_through_the_tower() as tower:
+        history = run(whole, params, prepared_demo,
+                      on_epoch_end=lambda epoch, row: tower_after_epoch.append(sum(tower)))
     with pytest.raises(Interrupt):
         run(interrupted, params, prepared_demo, on_epoch_end=stop_after(1))
     assert [p.name for p in (interrupted / paths.CHECKPOINTS).iterdir()] == ["weights_epoch_1.pth"]
     shutil.rmtree(interrupted / paths.ALL_WEIGHTS)  # as dvc repro does before the stage runs
-    resumed = run(interrupted, params_replace(params, resume=True), prepared_demo)
+    with images_through_the_tower() as tower:
+        resumed = run(interrupted, params_replace(params, resume=True, num_workers=0),
+                      prepared_demo)
     assert same_numbers(history, resumed)
-    assert model_files_equal(whole, interrupted, params.train.epochs)
+    assert model_files_equal(whole, interrupted, params.train.epochs)  # epoch 0's rewritten too
+    if not params.train.freeze_backbone:  # (frozen, the epochs reuse features computed once)
+        print(f"images through the image tower: resumed run {sum(tower)}, the uninterrupted "
+              f"run's last epoch {tower_after_epoch[-1] - tower_after_epoch[-2]}")
+        assert sum(tower) == tower_after_epoch[-1] - tower_after_epoch[-2]
+
+
+def test_an_epoch_reads_losses_from_the_device_once_not_every_step(params_factory,
+                                                                   prepared_demo):
+    """Before, each training step and each val_loss batch read its loss back (.item()): on a GPU
+    a wait for the device every step."""
+    trainer = Trainer(params_factory({**FROZEN, "train.batch_size": 16}), *prepared_demo)
+    trainer.start()
+    with host_reads() as reads:
+        trainer.train_epoch(1)
+    steps = len(trainer.batches)
+    print(f"{steps} steps, {len(reads)} reads: {reads}")
+    assert steps > 2 * LOSS_SHOWN_EVERY
+    # The progress bar's loss every LOSS_SHOWN_EVERY steps and at the end; train_loss; val_loss.
+    assert len(reads) <= steps // LOSS_SHOWN_EVERY + 3
 
 
 def test_damaged_newest_checkpoint_falls_back(frozen_run, tmp_path, prepared_demo, capsys):
@@ -227,7 +299,7 @@ def test_numeric_captions_only_learnable_targets_learn(tmp_path, params_factory,
     params = params_factory(numeric)
     start = build_model(params.model).caption_embeddings(
         [f"a photo of class number {n}" for n in range(10)])
-    end = load_file(tmp_path / "learnable" / paths.checkpoint_path(10))["text_targets"]["targets"]
+    end = load_file(tmp_path / "learnable" / paths.checkpoint_path(10))["loss"]["targets.targets"]
     end = torch.nn.functional.normalize(end, dim=-1)
     off_diagonal = ~torch.eye(10, dtype=torch.bool)
     before, after = (start @ start.T)[off_diagonal].mean(), (end @ end.T)[off_diagonal].mean()

@@ -1,11 +1,13 @@
 """The DVC workflow end to end, with real dvc and git commands in a temporary copy of the repo:
 dvc repro, a no-op second repro, targeted reruns, dvc exp run -S, dvc metrics diff / exp show,
-and versioned data and checkpoints through a local remote (push, pull, checkout).
+versioned data and checkpoints through a local remote (push, pull, checkout), and the val-picked
+model fetched as a DVC artifact from a second clone.
 
 Uses the tiny model (`model.name=tiny`, `model.pretrained=none`), so it needs no network.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -17,11 +19,14 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import with_overrides, write_params
+from dvc.api import artifacts_show
+
+from clipcore.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = {"model.name": "tiny", "model.pretrained": "none", "train.epochs": 2,
          "train.num_workers": 0, "embed.num_workers": 0}
-PIPELINE = ["demo", "prepare", "train", "embed", "retrieve", "submit"]
+PIPELINE = ["demo", "prepare", "train", "embed", "retrieve", "submit", "best", "report"]
 
 pytestmark = pytest.mark.timeout(900)  # real dvc runs: several minutes on a busy 2-core machine
 
@@ -60,6 +65,14 @@ def set_params(project: Path, values: dict) -> None:
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def val_picked(project: Path) -> int:
+    """The epoch with the highest val score in training_metrics.csv; ties: the earliest."""
+    with open(project / "repository/metrics/training_metrics.csv", newline="") as f:
+        rows = [(float(row["score"]), -int(row["epoch"])) for row in csv.DictReader(f)
+                if row["score"]]  # the demo has a val split: scores exist
+    return -max(rows)[1]
 
 
 def copy_project(dest: Path) -> None:
@@ -116,6 +129,15 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
     retrieval = json.loads((project / "repository/metrics/retrieval.json").read_text())
     assert sorted(retrieval["epochs"]) == ["0", "1", "2"]
 
+    # The best epoch: the highest val score of training_metrics.csv (ties: the earliest), its
+    # model file and results copied, its val and test metrics in the summary; the report names it.
+    best = val_picked(project)
+    summary = json.loads((project / "repository/best/summary.json").read_text())
+    assert summary["epoch"] == best and summary["test"] == retrieval["epochs"][str(best)]
+    assert digest(project / "repository/best/model.pt") == \
+        digest(project / f"repository/all_weights/model_epoch_{best}.pt")
+    assert f'<b id="best-epoch">{best}</b>' in (project / "repository/report.html").read_text()
+
     # Scored locally: the submission history (every server answer) holds its header only.
     history = (project / "repository/submission_history.csv").read_text().splitlines()
     assert history == ["submitted_at,epoch,accuracy,source,groupname,status,attempts,"
@@ -129,17 +151,23 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
     git(project, "commit", "-qm", "run: 2 epochs")
     weights_2 = digest(project / "repository/all_weights/model_epoch_2.pt")
 
-    # 3. A retrieve param reruns retrieve and submit only; a train param reruns train onwards.
+    # 3. A retrieve param reruns retrieve and the stages after it (submit, best, report) only; a
+    # report param the report alone (no retraining); a train param reruns train onwards.
     set_params(project, {"retrieve.top_k": 20})
-    assert stages_run(dvc(project, "repro")) == ["retrieve", "submit"]
+    assert stages_run(dvc(project, "repro")) == ["retrieve", "submit", "best", "report"]
+    set_params(project, {"report.worst_queries": 3})
+    assert stages_run(dvc(project, "repro")) == ["report"]
     set_params(project, {"retrieve.top_k": 10, "train.epochs": 3})
-    assert stages_run(dvc(project, "repro")) == ["train", "embed", "retrieve", "submit"]
+    assert stages_run(dvc(project, "repro")) == ["train", "embed", "retrieve", "submit", "best",
+                                                 "report"]
     git(project, "add", "-A")
     git(project, "commit", "-qm", "run: 3 epochs")
 
     # 4. An experiment from the committed baseline, compared with dvc metrics diff / exp show.
     exp = dvc(project, "exp", "run", "-S", "train.freeze_backbone=false")
     assert "train" in stages_run(exp)
+    # The experiment's report names what it changed against the committed params.
+    assert 'data-key="train.freeze_backbone"' in (project / "repository/report.html").read_text()
     diff = json.loads(dvc(project, "metrics", "diff", "--json"))
     retrieval_diff = diff["repository/metrics/retrieval.json"]
     assert "epochs.3.score" in retrieval_diff
@@ -177,8 +205,20 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
     dvc(project, "remote", "add", "-d", "local", str(remote))
     git(project, "commit", "-qam", "local DVC remote")
     dvc(project, "push", "--all-commits")
+    # The best model as a registered artifact version (an annotated GTO tag, what
+    # `gto register best-model` writes), fetched from a second clone through the DVC remote.
+    git(project, "tag", "-a", "best-model@v1.0.0", "-m", "val-picked model of the 3-epoch run")
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(project), str(clone))
+    shown = artifacts_show("best-model", repo=str(clone))
+    assert shown == {"rev": git(clone, "rev-parse", "HEAD").strip(), "path": "repository/best"}
+    dvc(tmp_path, "artifacts", "get", str(clone), "best-model", "-o", str(tmp_path / "fetched"))
+    fetched = tmp_path / "fetched"
+    assert sorted(p.name for p in fetched.iterdir()) == ["model.pt", "retrieval_results.json",
+                                                         "summary.json"]
+    assert digest(fetched / "model.pt") == digest(project / "repository/best/model.pt")
+    assert json.loads((fetched / "summary.json").read_text())["epoch"] == val_picked(project)
+    assert load_model(fetched / "model.pt").embed_dim == 512  # a working model file
     dvc(clone, "pull")
     for name in ["data/demo/test_labels.csv", "data/prepared/train.csv",
                  "repository/all_weights/model_epoch_3.pt",

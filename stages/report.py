@@ -1,0 +1,17 @@
+"""Write repository/report.html from the metrics, the best epoch's files and the test images."""
+from pathlib import Path
+
+from clipcore import paths
+from clipcore.params import load_params
+from clipcore.report import committed_params, write_report
+from clipcore.stage import run_stage
+
+
+def main() -> None:
+    params = load_params()
+    path = write_report(params.report, Path(params.data.root), paths.PREPARED, committed_params())
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} kB): open it in a browser")
+
+
+if __name__ == "__main__":
+    run_stage(main)

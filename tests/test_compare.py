@@ -1,0 +1,106 @@
+"""`python -m clipcore.compare` on real experiment output: a sweep of 2 configurations x 2 seeds
+of the tiny model queued with `dvc exp run --queue` in a temporary git repo and run with
+`dvc exp run --run-all`; the numbers it prints are checked against each experiment's own files
+in its git commit."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import statistics
+import sys
+
+import pytest
+import yaml
+from scipy import stats
+from test_workflow import SMOKE, copy_project, dvc, git, run, set_params
+
+from clipcore.compare import exp_show, mean_ci
+
+# One epoch, the smallest demo images, no pictures: the stages up to retrieve are what compare reads.
+SWEEP = {**SMOKE, "train.epochs": 1, "demo.image_size": 8, "retrieve.picture_queries": 0}
+HEADS = ("mlp", "residual")  # configurations whose epoch 0 differs too
+
+pytestmark = pytest.mark.timeout(900)  # real dvc runs: minutes on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    copy_project(root)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.name", "clipcore test")
+    git(root, "config", "user.email", "test@clipcore.invalid")
+    set_params(root, SWEEP)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "sweep baseline")
+    dvc(root, "exp", "run", "retrieve", "--queue", "-S", "seed=1,2", "-S",
+        f"model.head={','.join(HEADS)}")
+    dvc(root, "exp", "run", "--run-all")
+    return root
+
+
+def expected_rows(root) -> dict[str, list[dict]]:
+    """Per head kind, each experiment's val score and test score at its val-picked epoch, read from the
+    files its commit holds (not from dvc exp show)."""
+    by_head: dict[str, list[dict]] = {}
+    for rev in git(root, "for-each-ref", "--format=%(objectname)", "refs/exps").split():
+        params = yaml.safe_load(git(root, "show", f"{rev}:params.yaml"))
+        rows = list(csv.DictReader(io.StringIO(
+            git(root, "show", f"{rev}:repository/metrics/training_metrics.csv"))))
+        best = max(rows, key=lambda row: (float(row["score"]), -int(row["epoch"])))
+        test = json.loads(git(root, "show", f"{rev}:repository/metrics/retrieval.json"))
+        by_head.setdefault(params["model"]["head"], []).append(
+            {"seed": params["seed"], "epoch": int(best["epoch"]), "val": float(best["score"]),
+             "test": test["epochs"][best["epoch"]]["score"]})
+    return by_head
+
+
+def interval(values: list[float]) -> str:
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return f"{statistics.fmean(values):.1f} ± {half:.1f}"
+
+
+def test_compare_prints_each_configurations_mean_and_t_interval(sweep):
+    out = run(sweep, sys.executable, "-m", "clipcore.compare")
+    expected = expected_rows(sweep)
+    assert sorted(expected) == sorted(HEADS) and all(len(v) == 2 for v in expected.values())
+    assert "4 experiments, 2 configuration(s) differing in model.head:" in out
+    lines = out.splitlines()
+    names = {}
+    for head in HEADS:
+        line = next(line for line in lines if line.endswith(f"model.head={head}"))
+        assert "(n=2; seeds 1, 2):" in line
+        names[head] = line.split()[0]
+    table = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in lines)}
+    columns = table["mean ± 95% CI"]
+    for head in HEADS:
+        column = columns.index(names[head])
+        for label, key in (("val score", "val"), ("test score", "test")):
+            assert table[label][column] == interval([row[key] for row in expected[head]])
+        epochs = [row["epoch"] for row in expected[head]]
+        assert table["val-picked epoch"][column].startswith(f"{statistics.fmean(epochs):.1f} ± ")
+
+
+def test_one_seed_gives_no_interval_and_unfinished_runs_are_named(sweep, tmp_path):
+    dvc(sweep, "exp", "run", "--queue", "-S", "seed=3", "--name", "still-queued")
+    show = exp_show(sweep)
+    baseline = next(entry for entry in show if entry.get("experiments"))
+    mlp = [e for e in baseline["experiments"] if e["name"] != "still-queued"
+           and e["revs"][0]["data"]["params"]["params.yaml"]["data"]["model"]["head"] == "mlp"]
+    baseline["experiments"].remove(mlp[0])  # that configuration keeps one seed
+    saved = tmp_path / "exps.json"
+    saved.write_text(json.dumps(show))
+    out = run(sweep, sys.executable, "-m", "clipcore.compare", "--show-json", str(saved))
+    assert "3 experiments" in out
+    assert re.search(r"\(n=1; seeds \d\): model\.head=mlp\n", out)
+    assert "(n=1)" in out and "n=1: no interval" in out
+    assert "still-queued: queued, left out" in out
+
+
+def test_mean_ci_is_the_student_t_interval():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert mean_ci([5.0]) == (5.0, None)

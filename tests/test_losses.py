@@ -1,0 +1,273 @@
+"""The losses `loss.name` picks (clipcore.losses): each one lowers its own value when the tiny
+model's head trains on the digits demo; two processes compute one process's loss and gradients;
+their knobs are validated; pair losses are refused without class-balanced batches."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing
+
+from clipcore import distributed, paths
+from clipcore.checkpoint import load_file
+from clipcore.distributed import World
+from clipcore.errors import ClipcoreError
+from clipcore.losses import create_loss
+from clipcore.model import build_model
+from clipcore.params import LossParams, ParamsError, parse_params
+from clipcore.splits import BackboneFeatures, load_splits
+from clipcore.training import METRIC_COLUMNS, train
+from conftest import default_params_dict, with_overrides
+from test_distributed import free_port
+
+NAMES = dataclasses.fields(LossParams)[0].metadata["choices"]  # every loss.name value
+TINY = {"model.name": "tiny", "model.pretrained": "none", "model.dropout": 0.0,
+        "train.sampler": "class_balanced"}
+PER_CLASS = 4
+
+
+@pytest.fixture(scope="module")
+def digits(prepared_demo, params_factory):
+    """The tiny model's backbone features of the demo's training images, a class-balanced batch
+    of them (every class, PER_CLASS images each), its class ids and the classes' captions."""
+    root, prepared = prepared_demo
+    params = params_factory(TINY)
+    _, captions, train, _ = load_splits(root, prepared, torch.device("cpu"))
+    torch.manual_seed(params.seed)
+    model = build_model(params.model)
+    features = BackboneFeatures(model, World(), batch_size=64, num_workers=0)(train)
+    batch = torch.cat([torch.nonzero(train.labels == c).flatten()[:PER_CLASS]
+                       for c in range(len(captions))])
+    return features, batch, train.labels[batch], captions
+
+
+def loss_before_and_after(params, features, batch, labels, captions, steps=20):
+    """The loss on the batch before and after `steps` Adam steps of the head and the loss's own
+    parameters (class weights at their own lr), the head's input standardised as in training."""
+    torch.manual_seed(params.seed)
+    model = build_model(params.model).eval()  # dropout 0: eval and train compute alike
+    model.head.set_feature_stats(features)
+    features = features[batch]
+    loss = create_loss(params, model, captions)
+    own = list(loss.parameters())
+    classifier = loss.class_lr_scale is not None
+    groups = [{"params": [*model.head.parameters(), *(() if classifier else own)],
+               "lr": params.train.lr}]
+    if classifier:
+        groups.append({"params": own, "lr": params.train.lr * loss.class_lr_scale})
+    optimizer = torch.optim.Adam(groups)
+    values = []
+    for _ in range(steps + 1):
+        value = loss(model.embed_features(features), labels)
+        values.append(value.item())
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    return values[0], values[-1]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_loss_lowers_its_value_as_the_head_trains(digits, params_factory, name):
+    params = params_factory({**TINY, "loss.name": name, "train.lr": 1e-2})
+    before, after = loss_before_and_after(params, *digits)
+    print(f"{name}: {before:.4f} -> {after:.4f}")
+    assert after < 0.8 * before
+
+
+def test_classifier_losses_hold_class_weights_pair_losses_none(digits, params_factory):
+    *_, captions = digits
+    model = build_model(params_factory(TINY).model)
+    shapes = {}
+    for name in NAMES:
+        loss = create_loss(params_factory({**TINY, "loss.name": name}), model, captions)
+        shapes[name] = (None if loss.class_lr_scale is None
+                        else [tuple(p.shape) for p in loss.parameters()])
+    classes, dim = len(captions), model.embed_dim
+    assert shapes == {"clip": None, "arcface": [(dim, classes)],
+                      "subcenter_arcface": [(dim, 3 * classes)], "cosface": [(dim, classes)],
+                      "supcon": None, "triplet": None, "multi_similarity": None}
+
+
+def test_only_the_clip_loss_trains_the_temperature(digits, params_factory):
+    *_, captions = digits
+    for name in ("clip", "arcface", "triplet"):
+        model = build_model(params_factory(TINY).model)
+        loss = create_loss(params_factory({**TINY, "loss.name": name}), model, captions)
+        trains = model.clip.logit_scale.requires_grad
+        assert trains == (name == "clip"), name
+        assert any(p is model.clip.logit_scale for p in loss.parameters()) == (name == "clip")
+
+
+# --- in the trainer ----------------------------------------------------------------------------
+
+RUN = {**TINY, "train.num_workers": 0, "train.epochs": 1, "train.lr": 1e-2,
+       "train.batch_size": 40}  # 10 classes x 4
+# What epoch 0 measures: the untouched model, whatever the loss (val_loss is the loss's own;
+# NaN, as train_loss and lr there, compares equal through repr).
+EPOCH_0 = [c for c in METRIC_COLUMNS if c not in ("val_loss", "seconds", "images_per_s")]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after_epoch_1(epoch: int, row: dict) -> None:
+    if epoch == 1:
+        raise Interrupt
+
+
+def run(folder: Path, params, data, on_epoch_end=None) -> list[dict]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.chdir(folder):
+        return train(params, *data, on_epoch_end=on_epoch_end)
+
+
+@pytest.fixture(scope="module")
+def clip_epoch_0(prepared_demo, params_factory, tmp_path_factory):
+    params = params_factory({**RUN, "train.epochs": 0})
+    return run(tmp_path_factory.mktemp("clip"), params, prepared_demo)[0]
+
+
+@pytest.mark.parametrize("name, frozen", [("arcface", True), ("arcface", False),
+                                          ("triplet", True), ("triplet", False)])
+def test_the_trainer_trains_with_the_loss_keeping_epoch_0_and_validation(
+        name, frozen, clip_epoch_0, prepared_demo, params_factory, tmp_path):
+    params = params_factory({**RUN, "loss.name": name, "train.freeze_backbone": frozen})
+    history = run(tmp_path, params, prepared_demo)
+    assert [repr(history[0][c]) for c in EPOCH_0] == [repr(clip_epoch_0[c]) for c in EPOCH_0]
+    last = history[-1]
+    print(f"{name}, frozen {frozen}: score {history[0]['score']:.1f} -> {last['score']:.1f}, "
+          f"val_loss {history[0]['val_loss']:.4f} -> {last['val_loss']:.4f}")
+    assert last["train_loss"] > 0 and last["val_loss"] < history[0]["val_loss"]
+    assert all(0 <= last[c] <= 1 for c in ("top1", "top5", "top10", "map_at_k"))
+    assert (tmp_path / paths.model_path(1)).exists()
+
+
+def test_class_weights_train_at_their_own_lr_and_resume_exactly(prepared_demo, params_factory,
+                                                                tmp_path):
+    params = params_factory({**RUN, "loss.name": "arcface", "train.epochs": 2,
+                             "train.schedule": "constant", "train.warmup_fraction": 0.0})
+    whole = run(tmp_path / "whole", params, prepared_demo)
+    with pytest.raises(Interrupt):
+        run(tmp_path / "stopped", params, prepared_demo, on_epoch_end=stop_after_epoch_1)
+    checkpoint = load_file(tmp_path / "stopped" / paths.checkpoint_path(1))
+    assert checkpoint["loss"]["loss.W"].shape == (params.model.embed_dim, 10)
+    assert [g["lr"] for g in checkpoint["optimizer"]["param_groups"]][-1] == pytest.approx(
+        params.train.lr * params.loss.arcface.class_lr_scale)
+    resumed = run(tmp_path / "stopped", dataclasses.replace(
+        params, train=dataclasses.replace(params.train, resume=True)), prepared_demo)
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
+    assert [r["val_loss"] for r in resumed] == [r["val_loss"] for r in whole]
+
+
+def test_resume_refuses_another_loss(prepared_demo, params_factory, tmp_path):
+    params = params_factory({**RUN, "loss.name": "arcface", "train.epochs": 2})
+    with pytest.raises(Interrupt):
+        run(tmp_path, params, prepared_demo, on_epoch_end=stop_after_epoch_1)
+    before = sorted(p.name for p in (tmp_path / paths.CHECKPOINTS).iterdir())
+    other = params_factory({**RUN, "loss.name": "triplet", "train.epochs": 2,
+                            "train.resume": True})
+    with pytest.raises(ClipcoreError) as error:
+        run(tmp_path, other, prepared_demo)
+    message = str(error.value)
+    assert "loss.name='arcface', now 'triplet'" in message and "\n" not in message
+    assert sorted(p.name for p in (tmp_path / paths.CHECKPOINTS).iterdir()) == before
+
+
+# --- several processes ---------------------------------------------------------------------
+
+LABELS = [0, 0, 1, 2, 1, 0, 2]  # 7 images: an uneven 4 + 3 split, same-class pairs across it
+# (loss.name, frozen): a classifier loss (each process scores its rows against the class
+# weights; the visual tower trains) and a pair loss (each process takes a share of the gathered
+# batch's loss).
+TWO_PROCESS_MODES = [("arcface", False), ("triplet", True)]
+
+
+def loss_and_gradients(world: World, name: str, frozen: bool) -> dict:
+    """One training step's loss and gradients on a fixed global batch of 7 images through the
+    tiny model, from this process's share of the batch, through the trainer's forward (DDP with
+    several processes) and backward."""
+    params = parse_params(with_overrides(default_params_dict(), {**TINY, "loss.name": name}))
+    model = build_model(params.model).eval()  # seeded random init: the same in every process
+    model.set_backbone_trainable(not frozen)
+    torch.manual_seed(0)  # the class weights' random init
+    loss = create_loss(params, model, captions=["zero", "one", "two"])
+    images = torch.randn(len(LABELS), 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    inputs = model.backbone_features(images).detach() if frozen else images
+    mine = list(world.shard(range(len(LABELS))))
+    forward = world.trained(model, loss, frozen)  # DDP's hooks live while it does
+    local = forward(inputs[mine])
+    embeddings, labels, rows = world.gather_batch(local, torch.tensor(LABELS)[mine], len(LABELS))
+    value = loss(embeddings, labels, rows)
+    world.backward(value)
+    named = {**{f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad},
+             **{f"loss.{n}": p for n, p in loss.named_parameters()}}
+    return {"loss": world.sum(value), "grads": {n: p.grad.clone() for n, p in named.items()}}
+
+
+def gloo_process(rank: int, port: int, folder: str) -> None:
+    """One of two processes, set up as torchrun sets them up (environment variables)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    world = distributed.join("cpu")
+    results = {mode: loss_and_gradients(world, *mode) for mode in TWO_PROCESS_MODES}
+    torch.save(results, Path(folder) / f"rank_{rank}.pt")
+
+
+def test_two_processes_give_one_process_loss_and_gradients(tmp_path):
+    torch.multiprocessing.start_processes(gloo_process, args=(free_port(), str(tmp_path)),
+                                          nprocs=2, start_method="spawn")
+    for mode in TWO_PROCESS_MODES:
+        alone = loss_and_gradients(World(), *mode)
+        trained = "model.head.linear.weight" if mode[1] else "model.clip.visual.conv1.weight"
+        assert alone["loss"] > 0 and alone["grads"][trained].abs().sum() > 0, mode
+        if mode[0] == "arcface":
+            assert alone["grads"]["loss.loss.W"].abs().sum() > 0
+        for rank in (0, 1):
+            shared = torch.load(tmp_path / f"rank_{rank}.pt")[mode]
+            assert shared["loss"] == pytest.approx(alone["loss"], rel=1e-5), (mode, rank)
+            assert shared["grads"].keys() == alone["grads"].keys()
+            for name, grad in alone["grads"].items():
+                torch.testing.assert_close(shared["grads"][name], grad, atol=1e-5, rtol=1e-4,
+                                           msg=f"{mode} {name}, rank {rank}")
+
+
+# --- params --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value, says", [
+    ("loss.name", "softmax", "'loss.name' must be one of clip, arcface"),
+    ("loss.cosface.class_lr_scale", 0, "'loss.cosface.class_lr_scale' must be > 0.0"),
+    ("loss.arcface.margin", 0.5 * 180, "'loss.arcface.margin' must be < 90.0"),
+    ("loss.subcenter_arcface.sub_centers", 0, "'loss.subcenter_arcface.sub_centers' must be >= 1"),
+    ("loss.cosface.scale", "64", "'loss.cosface.scale' must be a number"),
+    ("loss.supcon.temperature", 0.0, "'loss.supcon.temperature' must be > 0.0"),
+    ("loss.triplet.miner", "batch_hard", "'loss.triplet.miner' must be one of semihard, hard"),
+    ("loss.multi_similarity.base", 2.0, "'loss.multi_similarity.base' must be <= 1.0"),
+])
+def test_bad_loss_values_stop_with_one_line_naming_the_key(params_factory, key, value, says):
+    with pytest.raises(ParamsError) as error:
+        params_factory({key: value})
+    message = str(error.value)
+    assert says in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["supcon", "triplet", "multi_similarity"])
+def test_pair_losses_refuse_random_batches_saying_what_to_set(params_factory, name):
+    with pytest.raises(ParamsError) as error:
+        params_factory({"loss.name": name, "train.sampler": "random"})
+    message = str(error.value)
+    assert f"'loss.name: {name}'" in message and "'train.sampler: class_balanced'" in message
+    assert "\n" not in message
+    assert params_factory({"loss.name": name, "train.sampler": "class_balanced"}).loss.name == name
+
+
+def test_other_losses_take_random_batches_and_ignore_same_class_positives(params_factory):
+    assert params_factory({"loss.name": "arcface", "train.sampler": "random"}).loss.name == "arcface"
+    # same_class_positives is the CLIP loss's: a triplet run does not read it.
+    params_factory({"loss.name": "triplet", "train.sampler": "class_balanced",
+                    "loss.same_class_positives": False})
