@@ -9,7 +9,7 @@ train -> embed -> retrieve). Two domains:
 
 - generated (clipcore/domain.py, competition-shaped): identities of coloured shapes, 5 training
   images each in two renderings; photo-like queries against render-like gallery images.
-  Base: 800 identities. Fine-tuning: 240 identities, 15% of them held out for validation
+  Base: 600 identities x 6 images. Fine-tuning: 240 identities, 15% of them held out for validation
   (data.val_split class). Open set: 300 identities in neither (600 queries); closed set: new
   images of the trained identities (3 queries, 2 gallery each).
 - digits (clipcore/demo.py): base on digits 0-3; fine-tuning on 4-6 (data.val_split image);
@@ -39,6 +39,7 @@ import functools
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from clipcore import paths  # noqa: E402
 from clipcore.demo import write_demo  # noqa: E402
 from clipcore.domain import GALLERY_RENDERING, QUERY_RENDERING, rendering_of, write_domain  # noqa: E402
 from clipcore.embedding import embed_all  # noqa: E402
@@ -75,7 +77,7 @@ SETS = ("open", "closed")
 
 @dataclass(frozen=True)
 class Sizes:
-    base_identities: int = 800
+    base_identities: int = 600
     base_images: int = 6
     finetune_identities: int = 240
     open_identities: int = 300
@@ -159,12 +161,25 @@ def run_pipeline(work: Path, roots: dict[str, Path], val_prepared: Path | None,
             run.test[name] = {epoch: m["score"] for epoch, m in
                               retrieve_all(params.retrieve, root, root / "prepared").metrics.items()}
         if val_prepared is not None:
-            embed_all(params, roots["open"], val_prepared)
-            run.val["photo->render"] = {
-                epoch: m["score"] for epoch, m in
-                retrieve_all(params.retrieve, roots["open"], val_prepared).metrics.items()}
+            run.val["photo->render"] = photo_render_scores(params, roots["open"], val_prepared)
     run.seconds = time.perf_counter() - started
     return run
+
+
+def photo_render_scores(params: Params, root: Path, val_prepared: Path) -> dict[int, float]:
+    """Each epoch's score of the val photos querying the val renders. Measured on the
+    embeddings in manifest order, not through retrieve: training files share base names
+    (photo_0.png in every class folder), and results name images by base name."""
+    embed_all(params, root, val_prepared)
+    labels = {split: read_manifest(val_prepared, split)["label"].to_numpy()
+              for split in ("query", "gallery")}
+    scores = {}
+    for file in paths.epoch_files(paths.EMBEDDINGS, "epoch_*.npz"):
+        with np.load(file) as saved:
+            indices = top_k(saved["query"], saved["gallery"], 10, "cosine")
+        scores[paths.epoch_of(file)] = metrics_for_indices(labels["query"], labels["gallery"],
+                                                           indices)["score"]
+    return scores
 
 
 def own_protocol(params: Params) -> str:
@@ -241,12 +256,23 @@ def picked(run: Run, protocol: str, test_set: str) -> float:
     return run.test[test_set][epoch]
 
 
+def modes_of(runs: dict) -> list[str]:
+    return [mode for mode in MODES if any(m == mode for _, m in runs)]
+
+
 def report(domain: str, runs: dict, knn: dict, protocols: list[str]) -> None:
     """One block per (set, mode): rows raw pixels, epoch 0, each recipe; columns each
     protocol's val-picked test score, last epoch, best on test (upper bound), and the default's
     paired gains."""
+    print(f"\n{domain}, validation only (the evidence a default may change on): "
+          f"best val score of each run, mean ± 95% CI")
+    for mode in modes_of(runs):
+        for recipe in [name for name, m in runs if m == mode]:
+            print(f"  {mode:9s} {recipe:24s} " + " | ".join(
+                f"{p}: {mean_ci([max(r.val[p].values()) for r in runs[(recipe, mode)]])}"
+                for p in protocols))
     for test_set in SETS:
-        for mode in MODES:
+        for mode in modes_of(runs):
             print(f"\n{domain}, {test_set} set, {mode} (test score /1000, mean ± 95% CI)")
             print(f"  {'raw-pixel kNN':24s} {mean_ci(knn[test_set])}")
             default = runs[("default", mode)]
@@ -273,8 +299,11 @@ def report(domain: str, runs: dict, knn: dict, protocols: list[str]) -> None:
 def protocol_report(domain: str, runs: dict, protocols: list[str]) -> None:
     """Spearman's rho between each protocol's val score and the test score over every epoch of
     every run (pooled), and the mean of the per-run rhos."""
-    print(f"\n{domain}: how well validation ranks the test (Spearman rho, epochs x runs)")
-    for mode in MODES:
+    print(f"\n{domain}: how well validation ranks the test (Spearman rho, epochs x runs; "
+          f"nan: a constant score)")
+    warnings.simplefilter("ignore", stats.ConstantInputWarning)
+    warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of runs whose val never moved
+    for mode in modes_of(runs):
         rs = [r for (recipe, m), group in runs.items() if m == mode for r in group]
         for p in protocols:
             cells = []
@@ -289,17 +318,21 @@ def protocol_report(domain: str, runs: dict, protocols: list[str]) -> None:
             print(f"  {mode:9s} {p:14s} " + " | ".join(cells))
 
 
-def recipes() -> dict[str, dict]:
+def recipes(candidate: dict, seed_recipe: bool = True) -> dict[str, dict]:
+    """The rows: the seed's recipe (when asked and defined), the default, and a candidate (the
+    default with `--with` overrides) when one is given."""
     rows = {"default": {}}
-    if SEED_RECIPE is None:
+    if seed_recipe and SEED_RECIPE is None:
         print("clipcore.recipes.SEED_RECIPE not found: the seed's recipe row is left out")
-    else:
+    elif seed_recipe:
         rows = {"seed's recipe": dict(SEED_RECIPE), **rows}
+    if candidate:
+        rows["default + " + " ".join(f"{k}={v}" for k, v in candidate.items())] = candidate
     return rows
 
 
 def bench_domain(domain: str, seeds: range, base: dict, data: dict, make_roots,
-                 protocols: list[str], work: Path) -> None:
+                 protocols: list[str], work: Path, rows: dict, modes: list[str]) -> None:
     """Every recipe, frozen and unfrozen, on each seed's split. `data`: the bench's validation
     split, the same for every row (a recipe's own val split would only change which images
     train and how epochs are picked)."""
@@ -309,8 +342,9 @@ def bench_domain(domain: str, seeds: range, base: dict, data: dict, make_roots,
         roots, val_prepared = make_roots(seed)
         for name in SETS:
             knn[name].append(pixel_knn(roots[name]))
-        for recipe, overrides in recipes().items():
-            for mode, mode_overrides in MODES.items():
+        for recipe, overrides in rows.items():
+            for mode in modes:
+                mode_overrides = MODES[mode]
                 params = bench_params({**base, **overrides, **mode_overrides, **data, "seed": seed})
                 run = run_pipeline(work / "run", roots, val_prepared, params)
                 runs.setdefault((recipe, mode), []).append(run)
@@ -325,12 +359,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: train.epochs)")
-    parser.add_argument("--pretrain-epochs", type=int, default=30)
+    parser.add_argument("--pretrain-epochs", type=int, default=40)
     parser.add_argument("--domains", default="generated,digits")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 seeds, 2 epochs, a small generated domain")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_accuracy"))
+    parser.add_argument("--with", dest="candidate", action="append", default=[],
+                        metavar="KEY=VALUE", help="add a row: the default with these params")
+    parser.add_argument("--modes", default="frozen,unfrozen")
+    parser.add_argument("--no-seed-recipe", action="store_true")
     args = parser.parse_args()
+    candidate = {key: yaml.safe_load(value) for key, value in
+                 (item.split("=", 1) for item in args.candidate)}
+    rows, modes = recipes(candidate, not args.no_seed_recipe), args.modes.split(",")
     sizes, seeds = (QUICK, range(2)) if args.quick else (Sizes(), range(args.seeds))
     epochs = 2 if args.quick else (args.epochs or bench_params({}).train.epochs)
     pretrain_epochs = 3 if args.quick else args.pretrain_epochs
@@ -338,9 +379,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     # Decoding 32-px images in the main process beats starting DataLoader workers every epoch.
     tiny = {"model.name": "tiny", "train.epochs": epochs, "retrieve.picture_queries": 0,
-            "train.num_workers": 0, "embed.num_workers": 0}
+            "train.num_workers": 0, "embed.num_workers": 0, "train.device": "cpu"}
     domains = args.domains.split(",")
-    print(f"{len(seeds)} seeds, {epochs} epochs; recipes: {', '.join(recipes())}", flush=True)
+    print(f"{len(seeds)} seeds, {epochs} epochs; recipes: {', '.join(rows)}", flush=True)
     if "generated" in domains:
         data = {"data.val_split": "class"}
         write_domain(out / "base", range(sizes.base_identities), range(2), DOMAIN_SEED,
@@ -348,14 +389,15 @@ def main() -> None:
         weights = pretrain_base(out / "base", out / "generated_base.pt", pretrain_epochs)
         bench_domain("generated", seeds, {**tiny, "model.pretrained": str(weights)}, data,
                      lambda seed: generated_roots(out, seed, sizes, data),
-                     ["class-mixed", "photo->render"], out)
+                     ["class-mixed", "photo->render"], out, rows, modes)
     if "digits" in domains:
         data = {"data.val_split": "image"}
         base_params = bench_params({})
         write_demo(out / "digits_base", base_params.demo, DOMAIN_SEED, digits_kept=range(4))
         weights = pretrain_base(out / "digits_base", out / "digits_base.pt", pretrain_epochs)
         bench_domain("digits", seeds, {**tiny, "model.pretrained": str(weights)}, data,
-                     lambda seed: (digit_roots(out, seed, data), None), ["image"], out)
+                     lambda seed: (digit_roots(out, seed, data), None), ["image"], out, rows,
+                     modes)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ TINY = ModelParams(name="tiny", pretrained="none", embed_dim=512, dropout=0.0)
 
 
 def hand_written_sum(parameters) -> None:
-    """The baseline: every gradient copied into one flat buffer, all-reduced (summed), copied back."""
+    """The baseline: every gradient copied into one flat buffer, all-reduced, copied back."""
     grads = [p.grad for p in parameters]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)

@@ -4,9 +4,10 @@ expansion / DBA / k-reciprocal re-ranking (retrieve.rerank, dba_k). For each: th
 test score, top-1/5/10 and mAP@10, and the seconds of the stage it changes against the same
 stage without it (a warm rerun).
 
-Two data sets, from bench/bench_accuracy.py's helpers: its accuracy benchmark (the tiny open_clip
-model pretrained CLIP-style on the digits 0-4, saved as a local weights file, fine-tuned by the
-pipeline on the digits 5-9) and the demo (the tiny random-init model on all ten digits).
+Two data sets: the digits 5-9 fine-tuned from a base (the tiny open_clip model's image tower
+pretrained on the digits 0-4 by bench/bench_accuracy.py's pretrain_base, saved as a local weights
+file) and the demo (the tiny random-init model on all ten digits). One seed, the last epoch: not
+yet on bench_accuracy.py's seeded, val-picked harness or its generated domain.
 
     python bench/bench_levers.py [--epochs N] [--out /tmp/bench_levers]
 

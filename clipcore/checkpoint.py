@@ -59,8 +59,8 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dic
                 f"plain data, numpy values included; refusing to unpickle it)") from exc
         reason = (message.splitlines() or [type(exc).__name__])[0]
         if _STRUCTURE_DAMAGE in message or isinstance(exc, UnicodeDecodeError):
-            # The zip directory fields torch's reader checks and Python's does not (disk
-            # numbers, counts, ASCII names): a file that was one of ours and took damage.
+            # torch's zip reader refusing an archive that Python's read whole: a field only it
+            # checks changed (beyond _directory_problem's), a file of ours that took damage.
             raise DamagedFile(f"{path}: damaged: corrupt zip directory ({reason})") from None
         raise ClipcoreError(f"{path}: not a clipcore file ({reason})") from exc
     if not isinstance(obj, dict):
@@ -120,7 +120,7 @@ def inference_state(model: FineTunedCLIP, backbone_trained: bool) -> dict:
         "format": MODEL_FORMAT,
         "model": {"name": model.base["name"], "pretrained": model.base["pretrained"],
                   "embed_dim": model.embed_dim, "dropout": model.head.dropout.p,
-                  "head": model.head_kind},  # files without it (older) hold residual heads
+                  "head": model.head_kind},
         "base": dict(model.base),
         "backbone_trained": backbone_trained,
         "state": {k: v.detach().cpu() for k, v in state.items()},

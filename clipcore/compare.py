@@ -132,7 +132,7 @@ def group_by_config(experiments: list[Experiment]) -> tuple[list[str], dict[tupl
         config = tuple((key, experiment.params.get(key)) for key in varying)
         groups.setdefault(config, []).append(experiment)
     for members in groups.values():
-        members.sort(key=lambda e: repr(e.params.get(SEED)))
+        members.sort(key=lambda e: e.params.get(SEED, 0))  # validated integers
     return varying, dict(sorted(groups.items(), key=lambda item: repr(item[0])))
 
 

@@ -228,7 +228,9 @@ class _TrainedParts(nn.Module):
     def __init__(self, model: nn.Module, loss: nn.Module,
                  embed: Callable[[torch.Tensor], torch.Tensor], frozen: bool):
         super().__init__()
-        self.head, self.loss = model.head, loss
+        # The temperature is the CLIP loss's (already among its parameters when that trains it);
+        # other losses switch it off, and DDP leaves parameters without gradients out.
+        self.head, self.loss, self.logit_scale = model.head, loss, model.clip.logit_scale
         if not frozen:
             self.visual = model.clip.visual
         self.__dict__["embed"] = embed
@@ -242,9 +244,8 @@ def join(device: str) -> World:
     the GPU numbered LOCAL_RANK on this node (NCCL) or on the CPU (gloo); otherwise the plain
     single process on train.device. Rank 0 prints the device (and why auto chose the CPU)."""
     base = resolve_device(device)
-    note = device_note(device, base)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        print(f"device: {note}")
+        print(f"device: {device_note(device, base)}")
         return World(device=base)
     if base.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -259,5 +260,6 @@ def join(device: str) -> World:
         atexit.register(dist.destroy_process_group)
     world = World(dist.get_rank(), dist.get_world_size(), base)
     if world.is_main:
-        print(f"device: {note}; {world.size} processes ({dist.get_backend()})")
+        print(f"device: {device_note(device, base)}; {world.size} processes "
+              f"({dist.get_backend()})")
     return world

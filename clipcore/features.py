@@ -46,7 +46,7 @@ def _no_cuda() -> str:
     try:
         torch.cuda.init()  # raises with the reason when CUDA cannot start
     except Exception as exc:  # noqa: BLE001 - any failure here is the reason to report
-        return f"CUDA did not start: {str(exc).strip().splitlines()[0]}"
+        return f"no usable CUDA GPU: {str(exc).strip().splitlines()[0]}"
     return "torch sees no CUDA device"
 
 

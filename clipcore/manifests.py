@@ -64,11 +64,11 @@ def prepare(root: Path, out: Path, data: DataParams, seed: int) -> PrepareReport
                                 f"train/<class>/, test/query/, test/gallery/ under data.root)")
     candidates = {split: _files(folder) for split, folder in folders.items()}
     readable, skipped, digests = _check_images(candidates, folders["train"], root)
-    _check_test_images(skipped, root)
+    labels = _test_labels(root, candidates, readable)
+    _check_test_images(skipped, root, labels)
 
     train = _train_frame(readable["train"], folders["train"], root, data, digests)
     _check_test_names(readable, root)
-    labels = _test_labels(root, candidates, readable)
     is_val = _val_mask(train["label"], data, seed)
     frames = {"train": train[~is_val], "val": train[is_val]}
     for split in TEST_SPLITS:
@@ -204,12 +204,14 @@ def _check_images(candidates: dict[str, list[Path]], train: Path, root: Path):
     return readable, skipped, digests
 
 
-def _check_test_images(skipped: list[tuple[str, str]], root: Path) -> None:
-    """A query or gallery file with an image suffix must decode (other files, a notes.txt, are
-    no test images and stay skipped)."""
-    broken = [(path, reason) for path, reason in skipped
-              if PurePosixPath(path).parts[:1] == ("test",)
-              and PurePosixPath(path).suffix.lower() in IMAGE_SUFFIXES]
+def _check_test_images(skipped: list[tuple[str, str]], root: Path,
+                       labels: dict[tuple[str, str], str]) -> None:
+    """A query or gallery file with an image suffix or a label must decode (other files, an
+    unlabelled notes.txt, are no test images and stay skipped)."""
+    def test_image(path: PurePosixPath) -> bool:
+        return path.parts[0] == "test" and (path.suffix.lower() in IMAGE_SUFFIXES
+                                            or (path.parts[1], path.name) in labels)
+    broken = [(path, reason) for path, reason in skipped if test_image(PurePosixPath(path))]
     if broken:
         (path, reason), more = broken[0], len(broken) - 1
         split = PurePosixPath(path).parts[1]

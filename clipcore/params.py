@@ -54,7 +54,7 @@ class ModelParams:
     embed_dim: int = _field(ge=1)
     dropout: float = _field(ge=0.0, lt=1.0)
     # residual: identity at start (epoch 0 = zero-shot) | mlp: the seed's Linear -> GELU -> Dropout,
-    # random init. Last, with a default: model files made before the key existed hold residual heads.
+    # random init. Last, with a default, so ModelParams built in code keep the residual head.
     head: str = field(default="residual", metadata=_check(choices=("residual", "mlp")))
 
 

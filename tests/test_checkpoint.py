@@ -78,7 +78,8 @@ def test_frozen_run_file_holds_the_head_only(tmp_path):
 def test_inference_state_describes_its_base():
     state = inference_state(build_model(TINY), backbone_trained=False)
     assert state["format"] == "clipcore-model/2"
-    assert state["model"] == {"name": "tiny", "pretrained": "none", "embed_dim": 512, "dropout": 0.1}
+    assert state["model"] == {"name": "tiny", "pretrained": "none", "embed_dim": 512, "dropout": 0.1,
+                              "head": "residual"}
     assert state["base"] == {"name": "tiny", "pretrained": "none", "sha256": None}
     assert state["backbone_trained"] is False
 

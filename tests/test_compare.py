@@ -10,11 +10,13 @@ import json
 import math
 import re
 import statistics
+import subprocess
 import sys
 
 import pytest
 import yaml
 from scipy import stats
+from conftest import REPO
 from test_workflow import SMOKE, copy_project, dvc, git, run, set_params
 
 from clipcore.compare import exp_show, mean_ci
@@ -104,3 +106,16 @@ def test_mean_ci_is_the_student_t_interval():
     mean, half = mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
     assert mean_ci([5.0]) == (5.0, None)
+
+
+def test_outside_a_dvc_project_or_with_a_bad_file_it_stops_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "clipcore.compare", "--repo", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: dvc exp show --json failed in {tmp_path}: ")
+    assert len(done.stderr.strip().splitlines()) == 1
+    (tmp_path / "exps.json").write_text("not json")
+    done = subprocess.run([sys.executable, "-m", "clipcore.compare", "--show-json",
+                           str(tmp_path / "exps.json")], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: {tmp_path / 'exps.json'}: cannot read dvc exp show")

@@ -31,7 +31,7 @@ def test_auto_says_it_runs_on_the_cpu_and_why(capsys):
     line = capsys.readouterr().out.strip()
     # This machine's torch is built with CUDA and finds no driver: the reason is CUDA's own.
     assert line.startswith("device: cpu, fp32 (train.device auto: ")
-    assert ("CUDA did not start: " in line) == (torch.version.cuda is not None)
+    assert ("no usable CUDA GPU: " in line) == (torch.version.cuda is not None)
     distributed.join("cpu")
     assert capsys.readouterr().out.strip() == "device: cpu, fp32"
 

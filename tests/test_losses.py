@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from clipcore.losses import create_loss
 from clipcore.model import build_model
 from clipcore.params import LossParams, ParamsError, parse_params
 from clipcore.splits import BackboneFeatures, load_splits
-from clipcore.training import METRIC_COLUMNS, train
+from clipcore.training import METRIC_COLUMNS, make_optimizer, train
 from conftest import default_params_dict, with_overrides
 from test_distributed import free_port
 
@@ -47,20 +46,14 @@ def digits(prepared_demo, params_factory):
 
 
 def loss_before_and_after(params, features, batch, labels, captions, steps=20):
-    """The loss on the batch before and after `steps` Adam steps of the head and the loss's own
-    parameters (class weights at their own lr), the head's input standardised as in training."""
+    """The loss on the batch before and after `steps` steps of the trainer's optimizer over the
+    head and the loss's own parameters, the head's input standardised as in training."""
     torch.manual_seed(params.seed)
     model = build_model(params.model).eval()  # dropout 0: eval and train compute alike
     model.head.set_feature_stats(features)
     features = features[batch]
     loss = create_loss(params, model, captions)
-    own = list(loss.parameters())
-    classifier = loss.class_lr_scale is not None
-    groups = [{"params": [*model.head.parameters(), *(() if classifier else own)],
-               "lr": params.train.lr}]
-    if classifier:
-        groups.append({"params": own, "lr": params.train.lr * loss.class_lr_scale})
-    optimizer = torch.optim.Adam(groups)
+    optimizer = make_optimizer(model, loss, params.train)
     values = []
     for _ in range(steps + 1):
         value = loss(model.embed_features(features), labels)
@@ -161,8 +154,8 @@ def test_class_weights_train_at_their_own_lr_and_resume_exactly(prepared_demo, p
         params.train.lr * params.loss.arcface.class_lr_scale)
     resumed = run(tmp_path / "stopped", dataclasses.replace(
         params, train=dataclasses.replace(params.train, resume=True)), prepared_demo)
-    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
-    assert [r["val_loss"] for r in resumed] == [r["val_loss"] for r in whole]
+    for column in ("train_loss", "val_loss", "score"):
+        assert [r[column] for r in resumed[1:]] == [r[column] for r in whole[1:]], column
 
 
 def test_resume_refuses_another_loss(prepared_demo, params_factory, tmp_path):
@@ -267,7 +260,8 @@ def test_pair_losses_refuse_random_batches_saying_what_to_set(params_factory, na
 
 
 def test_other_losses_take_random_batches_and_ignore_same_class_positives(params_factory):
-    assert params_factory({"loss.name": "arcface", "train.sampler": "random"}).loss.name == "arcface"
+    arcface = params_factory({"loss.name": "arcface", "train.sampler": "random"})
+    assert arcface.loss.name == "arcface"
     # same_class_positives is the CLIP loss's: a triplet run does not read it.
     params_factory({"loss.name": "triplet", "train.sampler": "class_balanced",
                     "loss.same_class_positives": False})

@@ -257,6 +257,17 @@ def test_an_unreadable_test_image_stops_prepare_naming_it(tmp_path, data, split,
     assert "\n" not in message and not (root.parent / "prepared").exists()
 
 
+def test_a_labelled_test_file_that_is_no_image_stops_prepare(tmp_path, data):
+    root = make_root(tmp_path, {"cat": 1, "dog": 1})
+    (root / "test/query/q2.heic").write_bytes(b"\0\0\0\x18ftypheic")  # no decoder for it
+    write_labels(root, [("query", "q0.png", "cat"), ("query", "q1.jpg", "dog"),
+                        ("query", "q2.heic", "cat"),
+                        ("gallery", "g0.png", "dog"), ("gallery", "g1.png", "cat")])
+    with pytest.raises(ClipcoreError, match=r"test/query/q2\.heic: cannot read a query image \("
+                                            r"not an image file suffix \(\.heic\)\); the server"):
+        run(root, data)
+
+
 def test_an_unreadable_training_image_is_still_skipped(tmp_path, data):
     root = make_root(tmp_path, {"cat": 2, "dog": 1})
     (root / "train" / "cat" / "cat_1.png").write_bytes(b"garbage")
