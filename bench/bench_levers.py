@@ -11,6 +11,12 @@ yet on bench_accuracy.py's seeded, val-picked harness or its generated domain.
 
     python bench/bench_levers.py [--epochs N] [--out /tmp/bench_levers]
 
+`--seeded` instead measures the levers that act after training (WiSE-FT, flip TTA, alpha-QE,
+k-reciprocal) on bench_accuracy.py's generated domain over several seeds (`--seeds`), each at
+the epoch the class-split validation picked, as paired changes with 95% intervals:
+
+    OMP_NUM_THREADS=1 python bench/bench_levers.py --seeded --seeds 5 --epochs 8 --pretrain-epochs 40
+
 Runs the pipeline's own train / embed / retrieve functions; the params are params.yaml's.
 """
 from __future__ import annotations
@@ -26,7 +32,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_accuracy import bench_params, pretrain_base  # noqa: E402  (same folder)
+import bench_accuracy as ba  # noqa: E402  (same folder)
+from bench_accuracy import bench_params, pretrain_base  # noqa: E402
 from bench_embed import timed  # noqa: E402
 from clipcore.demo import write_demo  # noqa: E402
 from clipcore.manifests import prepare  # noqa: E402
@@ -171,10 +178,60 @@ def print_table(rows: list[dict]) -> None:
               f"{r['map_at_k']:.3f} | {r['cost']} |")
 
 
+POST_TRAINING = {"WiSE-FT 0.5": {"embed.wise_ft_alpha": 0.5}, "flip TTA": {"embed.tta": "flip"},
+                 "alpha-QE": {"retrieve.rerank": "aqe"},
+                 "k-reciprocal": {"retrieve.rerank": "kreciprocal"}}
+
+
+def seeded_post_training(args: argparse.Namespace) -> None:
+    """The levers that act after training, on bench_accuracy.py's generated domain: each seed's
+    default run (frozen and unfrozen) trains once; each lever re-embeds and re-ranks its open
+    and closed test sets at the epoch the class-split validation picked. Paired differences
+    from the same epoch without the lever, mean +- 95% CI over the seeds."""
+    out = args.out.resolve()
+    sizes = ba.Sizes()
+    data = {"data.val_split": "class"}
+    ba.write_domain(out / "base", range(sizes.base_identities), range(2), ba.DOMAIN_SEED,
+                    train_images=sizes.base_images)
+    weights = ba.pretrain_base(out / "base", out / "generated_base.pt", args.pretrain_epochs)
+    base = {"model.name": "tiny", "train.epochs": args.epochs or 8, "retrieve.picture_queries": 0,
+            "train.num_workers": 0, "embed.num_workers": 0, "train.device": "cpu",
+            "model.pretrained": str(weights), **data}
+    gains = {}  # (mode, lever, set) -> per-seed score differences
+    for seed in range(args.seeds):
+        roots, val_prepared = ba.generated_roots(out, seed, sizes, data)
+        for mode, mode_overrides in ba.MODES.items():
+            overrides = {**base, **mode_overrides, "seed": seed}
+            run = ba.run_pipeline(out / "run", roots, val_prepared, ba.bench_params(overrides))
+            val = run.val["class-mixed"]
+            epoch = max(val, key=lambda e: (val[e], -e))
+            with contextlib.chdir(out / "run"):
+                for lever, lever_overrides in POST_TRAINING.items():
+                    params = ba.bench_params({**overrides, **lever_overrides})
+                    for name, root in roots.items():
+                        embed_all(params, root, root / "prepared")
+                        score = retrieve_all(params.retrieve, root,
+                                             root / "prepared").metrics[epoch]["score"]
+                        gains.setdefault((mode, lever, name), []).append(
+                            score - run.test[name][epoch])
+            print(f"  done: seed {seed}, {mode}", flush=True)
+    print(f"\npost-training levers on the generated domain, default recipe, {args.seeds} seeds: "
+          f"test score change at the val-picked epoch, mean ± 95% CI")
+    for (mode, lever, name), values in gains.items():
+        print(f"  {mode:9s} {lever:14s} {name:6s} set: {ba.mean_ci(values)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_bench_arguments(parser, "/tmp/bench_levers")
+    parser.add_argument("--seeded", action="store_true",
+                        help="the post-training levers on bench_accuracy's generated domain, "
+                             "several seeds (--seeds), val-picked epochs")
+    parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
+    if args.seeded:
+        seeded_post_training(args)
+        return
     tiny, weights, roots = bench_setup(args, demo=True)
     epochs, out = tiny["train.epochs"], args.out.resolve()
     finetune_root, demo_root = roots["finetune"], roots["demo"]

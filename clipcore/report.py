@@ -30,7 +30,7 @@ from clipcore.errors import ClipcoreError
 from clipcore.files import write_text_atomic
 from clipcore.images import UnreadableImage, load_rgb
 from clipcore.manifests import labels_by_name, read_manifest
-from clipcore.params import ParamsError, ReportParams, parse_params
+from clipcore.params import ParamsError, ReportParams, dotted, parse_params
 from clipcore.pictures import MAX_MATCHES, QUERY_FRAME, RIGHT, WRONG
 
 THUMB = 64                # pixels: thumbnails are downscaled, 1-2 kB each
@@ -139,7 +139,7 @@ def params_changes(run: dict, committed: dict) -> list[tuple[str, object, object
         committed = dataclasses.asdict(parse_params(committed))
     except ParamsError:  # an older schema: compare what is there
         pass
-    before, after = _flat(committed), _flat(run)
+    before, after = dotted(committed), dotted(run)
     return [(key, before.get(key, "(absent)"), value) for key, value in after.items()
             if before.get(key, "(absent)") != value]
 
@@ -397,16 +397,6 @@ def _data_uri(image: Image.Image) -> str:
 def _list_length(ranking: dict[str, list[str]]) -> str:
     lengths = {len(m) for m in ranking.values()}
     return f"top {lengths.pop()}" if len(lengths) == 1 else "ranked lists"
-
-
-def _flat(section: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in section.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _fmt(value: float | None, digits: int) -> str:

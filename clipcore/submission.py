@@ -265,10 +265,12 @@ def _summary(outcome: Outcome, source: str) -> str:
 
 
 def _metrics(outcomes: list[Outcome]) -> dict:
-    """For `dvc metrics show`: every scored epoch's accuracy and the best (earliest on ties)."""
+    """For `dvc metrics show`: every scored epoch's accuracy and the highest (earliest on ties),
+    as `best_on_server`: the server's test picked it, an upper bound (repository/best is the
+    val-picked epoch)."""
     scored = [o for o in outcomes if o.accuracy is not None]
     metrics: dict = {"epochs": {str(o.epoch): o.accuracy for o in scored}}
     if scored:
         best = max(scored, key=lambda o: o.accuracy)  # max keeps the first of equals
-        metrics["best"] = {"epoch": best.epoch, "accuracy": best.accuracy}
+        metrics["best_on_server"] = {"epoch": best.epoch, "accuracy": best.accuracy}
     return metrics

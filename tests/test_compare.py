@@ -17,7 +17,7 @@ import pytest
 import yaml
 from scipy import stats
 from conftest import REPO
-from test_workflow import SMOKE, copy_project, dvc, git, run, set_params
+from test_workflow import SMOKE, dvc, git, new_project, run
 
 from clipcore.compare import exp_show, mean_ci
 
@@ -30,14 +30,7 @@ pytestmark = pytest.mark.timeout(900)  # real dvc runs: minutes on a busy 2-core
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    copy_project(root)
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.name", "clipcore test")
-    git(root, "config", "user.email", "test@clipcore.invalid")
-    set_params(root, SWEEP)
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "sweep baseline")
+    root = new_project(tmp_path_factory.mktemp("sweep"), SWEEP)
     dvc(root, "exp", "run", "retrieve", "--queue", "-S", "seed=1,2", "-S",
         f"model.head={','.join(HEADS)}")
     dvc(root, "exp", "run", "--run-all")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from test_workflow import REPO, SMOKE, copy_project, digest, dvc, git, set_params
+from test_workflow import REPO, SMOKE, digest, dvc, git, new_project
 
 # Uncached outputs of the stages the failures below stop in: only git could bring them back.
 UNCACHED = ["repository/metrics/training_metrics.csv", "repository/metrics/train/metrics.json",
@@ -29,13 +29,7 @@ def test_every_uncached_output_persists():
 def test_a_failed_stage_keeps_the_last_runs_outputs(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
-    copy_project(project)
-    git(project, "init", "-q", "-b", "main")
-    git(project, "config", "user.name", "clipcore test")
-    git(project, "config", "user.email", "test@clipcore.invalid")
-    set_params(project, {**SMOKE, "train.epochs": 1})
-    git(project, "add", "-A")
-    git(project, "commit", "-qm", "baseline")  # dvclive and dvc exp need a commit
+    new_project(project, {**SMOKE, "train.epochs": 1})
     dvc(project, "repro", "submit")
     git(project, "add", "-A")
     git(project, "commit", "-qm", "a run")

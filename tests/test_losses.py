@@ -1,28 +1,24 @@
 """The losses `loss.name` picks (clipcore.losses): each one lowers its own value when the tiny
-model's head trains on the digits demo; two processes compute one process's loss and gradients;
-their knobs are validated; pair losses are refused without class-balanced batches."""
+model's head trains on the digits demo (two processes: tests/test_distributed.py); their knobs
+are validated; pair losses are refused without class-balanced batches."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing
 
-from clipcore import distributed, paths
+from clipcore import paths
 from clipcore.checkpoint import load_file
 from clipcore.distributed import World
 from clipcore.errors import ClipcoreError
 from clipcore.losses import create_loss
 from clipcore.model import build_model
-from clipcore.params import LossParams, ParamsError, parse_params
+from clipcore.params import LossParams, ParamsError
 from clipcore.splits import BackboneFeatures, load_splits
 from clipcore.training import METRIC_COLUMNS, make_optimizer, train
-from conftest import default_params_dict, with_overrides
-from test_distributed import free_port
 
 NAMES = dataclasses.fields(LossParams)[0].metadata["choices"]  # every loss.name value
 TINY = {"model.name": "tiny", "model.pretrained": "none", "model.dropout": 0.0,
@@ -170,64 +166,6 @@ def test_resume_refuses_another_loss(prepared_demo, params_factory, tmp_path):
     message = str(error.value)
     assert "loss.name='arcface', now 'triplet'" in message and "\n" not in message
     assert sorted(p.name for p in (tmp_path / paths.CHECKPOINTS).iterdir()) == before
-
-
-# --- several processes ---------------------------------------------------------------------
-
-LABELS = [0, 0, 1, 2, 1, 0, 2]  # 7 images: an uneven 4 + 3 split, same-class pairs across it
-# (loss.name, frozen): a classifier loss (each process scores its rows against the class
-# weights; the visual tower trains) and a pair loss (each process takes a share of the gathered
-# batch's loss).
-TWO_PROCESS_MODES = [("arcface", False), ("triplet", True)]
-
-
-def loss_and_gradients(world: World, name: str, frozen: bool) -> dict:
-    """One training step's loss and gradients on a fixed global batch of 7 images through the
-    tiny model, from this process's share of the batch, through the trainer's forward (DDP with
-    several processes) and backward."""
-    params = parse_params(with_overrides(default_params_dict(), {**TINY, "loss.name": name}))
-    model = build_model(params.model).eval()  # seeded random init: the same in every process
-    model.set_backbone_trainable(not frozen)
-    torch.manual_seed(0)  # the class weights' random init
-    loss = create_loss(params, model, captions=["zero", "one", "two"])
-    images = torch.randn(len(LABELS), 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    inputs = model.backbone_features(images).detach() if frozen else images
-    mine = list(world.shard(range(len(LABELS))))
-    forward = world.trained(model, loss, frozen)  # DDP's hooks live while it does
-    local = forward(inputs[mine])
-    embeddings, labels, rows = world.gather_batch(local, torch.tensor(LABELS)[mine], len(LABELS))
-    value = loss(embeddings, labels, rows)
-    world.backward(value)
-    named = {**{f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad},
-             **{f"loss.{n}": p for n, p in loss.named_parameters()}}
-    return {"loss": world.sum(value), "grads": {n: p.grad.clone() for n, p in named.items()}}
-
-
-def gloo_process(rank: int, port: int, folder: str) -> None:
-    """One of two processes, set up as torchrun sets them up (environment variables)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    world = distributed.join("cpu")
-    results = {mode: loss_and_gradients(world, *mode) for mode in TWO_PROCESS_MODES}
-    torch.save(results, Path(folder) / f"rank_{rank}.pt")
-
-
-def test_two_processes_give_one_process_loss_and_gradients(tmp_path):
-    torch.multiprocessing.start_processes(gloo_process, args=(free_port(), str(tmp_path)),
-                                          nprocs=2, start_method="spawn")
-    for mode in TWO_PROCESS_MODES:
-        alone = loss_and_gradients(World(), *mode)
-        trained = "model.head.linear.weight" if mode[1] else "model.clip.visual.conv1.weight"
-        assert alone["loss"] > 0 and alone["grads"][trained].abs().sum() > 0, mode
-        if mode[0] == "arcface":
-            assert alone["grads"]["loss.loss.W"].abs().sum() > 0
-        for rank in (0, 1):
-            shared = torch.load(tmp_path / f"rank_{rank}.pt")[mode]
-            assert shared["loss"] == pytest.approx(alone["loss"], rel=1e-5), (mode, rank)
-            assert shared["grads"].keys() == alone["grads"].keys()
-            for name, grad in alone["grads"].items():
-                torch.testing.assert_close(shared["grads"][name], grad, atol=1e-5, rtol=1e-4,
-                                           msg=f"{mode} {name}, rank {rank}")
 
 
 # --- params --------------------------------------------------------------------------------

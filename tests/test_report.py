@@ -124,7 +124,7 @@ def test_best_holds_the_val_picked_model_results_and_what_made_them(project, par
     assert json.loads(paths.BEST_RESULTS.read_text()) == BEST_RANKING
     assert summary["val"]["score"] == 700.0 and summary["val"]["val_loss"] == pytest.approx(0.35)
     retrieval = json.loads(paths.RETRIEVAL_METRICS.read_text())
-    assert retrieval["best"]["epoch"] == 2  # the test-picked epoch is another one
+    assert retrieval["best_on_test"]["epoch"] == 2  # the test-picked epoch is another one
     assert summary["test"] == retrieval["epochs"]["1"]
     assert summary["params"]["train"]["lr"] == 0.5 and summary["params"]["seed"] == 42
     assert set(summary["params"]) == {"seed", "data", "model", "train", "loss", "embed",

@@ -121,7 +121,7 @@ def test_metrics_files_match_hand_computed_values(project, params_factory):
     assert set(summary["epochs"]) == {"0", "1"}
     for epoch, expected in EXPECTED.items():
         assert summary["epochs"][str(epoch)] == pytest.approx(expected)
-    assert summary["best"] == pytest.approx({"epoch": 1, **EXPECTED[1]})
+    assert summary["best_on_test"] == pytest.approx({"epoch": 1, **EXPECTED[1]})
     with open(paths.RETRIEVAL_PLOT, newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["epoch", "score", "top1", "top5", "top10", "precision_at_k",
@@ -130,7 +130,7 @@ def test_metrics_files_match_hand_computed_values(project, params_factory):
         assert int(row["epoch"]) == epoch
         assert {c: float(v) for c, v in row.items() if c != "epoch"} == pytest.approx(
             {c: expected[c] for c in row if c != "epoch"})
-    assert report.best_epoch == 1 and "best epoch 1: score 1000.0/1000" in report.summary()
+    assert report.best_epoch == 1 and "highest test score at epoch 1: 1000.0/1000" in report.summary()
 
 
 def test_epochs_sort_by_number_and_euclidean_follows_the_param(project, params_factory):
@@ -327,7 +327,7 @@ def test_stage_script_runs_and_reports_errors_in_one_line(project, tmp_path):
     write_params(tmp_path, {"data.root": str(project), "retrieve.top_k": 3})
     done = stage(tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "best epoch 1: score 1000.0/1000" in done.stdout
+    assert "highest test score at epoch 1: 1000.0/1000" in done.stdout
     assert json.loads(paths.results_path(1).read_text()) == RANKINGS[1]
     write_params(tmp_path, {"data.root": str(project), "retrieve.top_k": 9})
     done = stage(tmp_path)

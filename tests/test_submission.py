@@ -141,7 +141,7 @@ def test_local_scoring_uses_the_shared_measure_in_epoch_order(tmp_path, prepared
     assert [o.accuracy for o in outcomes] == list(rows["accuracy"])
     assert metrics(tmp_path) == {"epochs": {"0": pytest.approx(poor), "2": 1000.0,
                                             "10": pytest.approx(poor)},
-                                 "best": {"epoch": 2, "accuracy": 1000.0}}
+                                 "best_on_server": {"epoch": 2, "accuracy": 1000.0}}
     assert capsys.readouterr().out.count("(local)") == 3  # one line per epoch
 
 
@@ -190,7 +190,7 @@ def test_server_going_down_keeps_results_and_earlier_rows(tmp_path):
     assert (rows.loc[0, "accuracy"], rows.loc[0, "status"]) == (400, "ok")
     assert "gave up after 3 attempts" in rows.loc[1, "status"]
     assert list(rows["attempts"]) == [1, 3]
-    assert metrics(tmp_path) == {"epochs": {"0": 400.0}, "best": {"epoch": 0, "accuracy": 400.0}}
+    assert metrics(tmp_path) == {"epochs": {"0": 400.0}, "best_on_server": {"epoch": 0, "accuracy": 400.0}}
     assert {path: path.read_bytes() for path in before} == before
 
 

@@ -89,17 +89,22 @@ def copy_project(dest: Path) -> None:
     write_params(dest)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("project")
+def new_project(root: Path, params: dict) -> Path:
+    """The project copied into root as a git repo whose first commit holds these params (dvc
+    exp and dvclive need a commit)."""
     copy_project(root)
     git(root, "init", "-q", "-b", "main")
     git(root, "config", "user.name", "clipcore test")
     git(root, "config", "user.email", "test@clipcore.invalid")
-    set_params(root, SMOKE)
+    set_params(root, params)
     git(root, "add", "-A")
     git(root, "commit", "-qm", "baseline params")
     return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return new_project(tmp_path_factory.mktemp("project"), SMOKE)
 
 
 @pytest.fixture(scope="module")
