@@ -53,18 +53,22 @@ def rng_state(loader_generator: torch.Generator) -> dict:
 
 def restore_rng(state: dict, loader_generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        # One state per GPU visible when saved; resumed where fewer are: those that fit.
-        visible = torch.cuda.device_count()
-        if len(state["cuda"]) > visible:
-            print(f"resuming with {visible} of the {len(state['cuda'])} GPUs' random states "
-                  f"the checkpoint holds (fewer GPUs visible now)")
-        torch.cuda.set_rng_state_all(state["cuda"][:visible])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    torch.cuda.set_rng_state_all(cuda_states_that_fit(state["cuda"], visible))
     numpy = state["numpy"]
     np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"],
                          numpy["has_gauss"], numpy["gauss"]))
     random.setstate(state["python"])
     loader_generator.set_state(state["loader"])
+
+
+def cuda_states_that_fit(saved: list[torch.Tensor], visible: int) -> list[torch.Tensor]:
+    """A checkpoint holds one CUDA RNG state per GPU visible when it was saved; resumed where
+    fewer are visible (another machine, CUDA_VISIBLE_DEVICES), the first ones, said."""
+    if len(saved) > visible:
+        print(f"resuming with {visible} of the {len(saved)} GPUs' random states the "
+              f"checkpoint holds (fewer GPUs visible now)")
+    return saved[:visible]
 
 
 def run_settings(params: Params, prepared: Path) -> dict:

@@ -9,11 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from clipcore import paths
 from clipcore.errors import ClipcoreError
 from clipcore.params import parse_params
-from clipcore.resume import check_compatible, run_settings
+from clipcore.resume import (check_compatible, cuda_states_that_fit, restore_rng, rng_state,
+                             run_settings)
 from conftest import default_params_dict, flip_bit, with_overrides
 from tests.test_training import Interrupt, run, stop_after
 
@@ -198,3 +200,17 @@ def test_keep_checkpoints_keeps_the_newest_and_every_model_file(tmp_path, params
     assert [r["epoch"] for r in run(tmp_path, more, prepared_demo)] == [0, 1, 2, 3, 4]
     assert [p.name for p in (tmp_path / paths.CHECKPOINTS).iterdir()] == ["weights_epoch_4.pth"]
     assert len(list((tmp_path / paths.ALL_WEIGHTS).iterdir())) == 5
+
+
+def test_a_checkpoint_from_more_gpus_resumes_with_the_states_that_fit(capsys):
+    generator = torch.Generator().manual_seed(3)
+    saved = rng_state(generator)
+    # As saved on a 2-GPU machine: one CUDA generator state per GPU (what is in them does not
+    # matter here: on this machine none is restored).
+    saved["cuda"] = [torch.full((16,), gpu, dtype=torch.uint8) for gpu in (0, 1)]
+    expected = torch.rand(3)
+    restore_rng(saved, torch.Generator())  # no GPU visible here
+    assert torch.equal(torch.rand(3), expected)  # the CPU stream continues where it was
+    assert "with 0 of the 2 GPUs' random states" in capsys.readouterr().out
+    assert [s[0].item() for s in cuda_states_that_fit(saved["cuda"], 1)] == [0]
+    assert cuda_states_that_fit(saved["cuda"], 4) == saved["cuda"]
