@@ -3,6 +3,7 @@
 test session."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import zipfile
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from clipcore.demo import write_demo
 from clipcore.manifests import prepare
+from clipcore.model import FineTunedCLIP
 from clipcore.params import Params, parse_params
 
 REPO = Path(__file__).parents[1]
@@ -85,3 +87,18 @@ def flip_bit(path: Path, entry: str = "data/0", at: int = 100) -> None:
     extra_length = int.from_bytes(data[header + 28:header + 30], "little")
     data[header + 30 + name_length + extra_length + at] ^= 1
     path.write_bytes(bytes(data))
+
+
+@contextlib.contextmanager
+def images_through_the_tower():
+    """How many images each pass of the image tower took, in order."""
+    seen = []
+    original = FineTunedCLIP.backbone_features
+
+    def counting(self, images):
+        seen.append(len(images))
+        return original(self, images)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FineTunedCLIP, "backbone_features", counting)
+        yield seen

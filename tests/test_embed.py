@@ -20,28 +20,15 @@ from clipcore.embedding import embed_all
 from clipcore.errors import ClipcoreError
 from clipcore.images import load_rgb
 from clipcore.manifests import read_manifest
-from clipcore.model import FineTunedCLIP, build_model
+from clipcore.model import build_model
 from clipcore.training import train
-from conftest import write_params
+from conftest import images_through_the_tower, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"model.name": "tiny", "model.pretrained": "none", "train.num_workers": 0,
         "train.lr": 1e-2, "embed.num_workers": 0}
 
 
-@contextlib.contextmanager
-def counting_backbone_images():
-    """Counts the images that go through FineTunedCLIP.backbone_features (the image tower)."""
-    seen = []
-    original = FineTunedCLIP.backbone_features
-
-    def counted(self, images):
-        seen.append(len(images))
-        return original(self, images)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(FineTunedCLIP, "backbone_features", counted)
-        yield seen
 
 
 def train_and_embed(folder: Path, params, prepared_demo):
@@ -52,7 +39,7 @@ def train_and_embed(folder: Path, params, prepared_demo):
         stale = paths.embeddings_path(9)
         stale.parent.mkdir(parents=True)
         stale.write_bytes(b"from an older run")
-        with counting_backbone_images() as seen:
+        with images_through_the_tower() as seen:
             report = embed_all(params, *prepared_demo)
     return report, sum(seen)
 

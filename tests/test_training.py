@@ -19,8 +19,9 @@ from clipcore.checkpoint import load_file
 from clipcore.errors import ClipcoreError
 from clipcore.features import backbone_features
 from clipcore.manifests import read_manifest
-from clipcore.model import FineTunedCLIP, build_model
+from clipcore.model import build_model
 from clipcore.training import LOSS_SHOWN_EVERY, METRIC_COLUMNS, Trainer, train
+from conftest import images_through_the_tower
 
 TINY = {"model.name": "tiny", "model.pretrained": "none", "train.num_workers": 0}
 # The tiny random backbone needs a brisker lr than the ViT-B/32 default to learn in 5 epochs.
@@ -69,19 +70,6 @@ def model_files_equal(first, second, epochs: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def images_through_the_tower():
-    """How many images each pass of the image tower took, in order."""
-    seen = []
-    original = FineTunedCLIP.backbone_features
-
-    def counting(self, images):
-        seen.append(len(images))
-        return original(self, images)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(FineTunedCLIP, "backbone_features", counting)
-        yield seen
 
 
 @contextlib.contextmanager
