@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import functools
 import shutil
 import sys
@@ -62,15 +61,12 @@ from clipcore.embedding import embed_all  # noqa: E402
 from clipcore.manifests import prepare, read_manifest  # noqa: E402
 from clipcore.measures import metrics_for_indices  # noqa: E402
 from clipcore.model import build_model  # noqa: E402
-from clipcore.params import Params, parse_params  # noqa: E402
+from clipcore.params import Params, parse_params, with_overrides  # noqa: E402
 from clipcore.retrieval import retrieve_all  # noqa: E402
 from clipcore.search import top_k  # noqa: E402
 from clipcore.training import train  # noqa: E402
 
-try:  # the seed's recipe as params overrides (issue 16 item 1)
-    from clipcore.recipes import SEED_RECIPE  # noqa: E402
-except ImportError:
-    SEED_RECIPE = None
+from clipcore.recipes import SEED_RECIPE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAIN_SEED = 0  # the generated world (identities, their images); bench seeds draw splits
@@ -106,14 +102,7 @@ def defaults() -> dict:
 def bench_params(overrides: dict) -> Params:
     """The repo's params.yaml (the project defaults, read once per bench: every run sees the
     same) with dotted-key overrides."""
-    raw = copy.deepcopy(defaults())
-    for dotted, value in overrides.items():
-        *sections, key = dotted.split(".")
-        target = raw
-        for section in sections:
-            target = target[section]
-        target[key] = value
-    return parse_params(raw)
+    return parse_params(with_overrides(defaults(), overrides))
 
 
 def pretrain_base(root: Path, out: Path, epochs: int, seed: int = 0) -> Path:
@@ -324,12 +313,10 @@ def protocol_report(domain: str, runs: dict, protocols: list[str]) -> None:
 
 
 def recipes(candidate: dict, seed_recipe: bool = True) -> dict[str, dict]:
-    """The rows: the seed's recipe (when asked and defined), the default, and a candidate (the
-    default with `--with` overrides) when one is given."""
+    """The rows: the seed's recipe (when asked), the default, and a candidate (the default with
+    `--with` overrides) when one is given."""
     rows = {"default": {}}
-    if seed_recipe and SEED_RECIPE is None:
-        print("clipcore.recipes.SEED_RECIPE not found: the seed's recipe row is left out")
-    elif seed_recipe:
+    if seed_recipe:
         rows = {"seed's recipe": dict(SEED_RECIPE), **rows}
     if candidate:
         rows["default + " + " ".join(f"{k}={v}" for k, v in candidate.items())] = candidate

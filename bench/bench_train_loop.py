@@ -23,37 +23,31 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from clipcore.domain import write_domain  # noqa: E402
 from clipcore.model import build_model  # noqa: E402
-from clipcore.params import ModelParams  # noqa: E402
+from clipcore.params import ModelParams, with_overrides  # noqa: E402
 from gpu_check import bare_train_speed  # noqa: E402
 
-# Run in each tree's own process, in a run folder: prepare, then one unfrozen epoch.
+# Run in each tree's own process, in a run folder holding its params.yaml: prepare, then one
+# unfrozen epoch.
 ONE_EPOCH = """
-import json, sys, yaml
+import json, sys
 from pathlib import Path
 from clipcore.manifests import prepare
-from clipcore.params import parse_params
+from clipcore.params import load_params
 from clipcore.training import train
-tree, root, overrides = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
-raw = yaml.safe_load((tree / "params.yaml").read_text())
-for dotted, value in overrides.items():
-    *sections, key = dotted.split(".")
-    target = raw
-    for section in sections:
-        target = target[section]
-    target[key] = value
-params = parse_params(raw)
+params = load_params("params.yaml")
+root = Path(params.data.root)
 prepare(root, Path("data/prepared"), params.data, params.seed)
 history = train(params, root, Path("data/prepared"))
 print(json.dumps({"images_per_s": history[-1]["images_per_s"],
                   "workers": params.train.num_workers}))
 """
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,9 +73,11 @@ def main() -> None:
         for name, tree in ((f"before ({args.before})", before), ("now", REPO)):
             run = tmp / f"run_{len(speeds)}"
             run.mkdir()
+            raw = yaml.safe_load((tree / "params.yaml").read_text())  # the tree's own keys
+            (run / "params.yaml").write_text(yaml.safe_dump(
+                with_overrides(raw, {**overrides, "data.root": str(root)})))
             done = subprocess.run(
-                [sys.executable, "-c", ONE_EPOCH, str(tree), str(root),
-                 json.dumps({**overrides, "data.root": str(root)})],
+                [sys.executable, "-c", ONE_EPOCH],
                 cwd=run, env={**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"},
                 capture_output=True, text=True)
             if done.returncode:

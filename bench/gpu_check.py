@@ -62,7 +62,7 @@ from clipcore.features import autocast, loader_workers  # noqa: E402
 from clipcore.images import ImageFiles  # noqa: E402
 from clipcore.manifests import prepare  # noqa: E402
 from clipcore.model import build_model  # noqa: E402
-from clipcore.params import ModelParams, load_params, parse_params  # noqa: E402
+from clipcore.params import ModelParams, load_params, parse_params, with_overrides  # noqa: E402
 from clipcore.training import train  # noqa: E402
 
 TINY = {"model.name": "tiny", "model.pretrained": "none", "model.dropout": 0.0,
@@ -140,13 +140,7 @@ def project(machine: Machine, name: str, overrides: dict, repeat: int = 1) -> Pa
     for split in ("train", "query", "gallery"):
         frame = pd.read_csv(prepared / f"{split}.csv", dtype=str, keep_default_na=False)
         pd.concat([frame] * repeat).to_csv(prepared / f"{split}.csv", index=False)
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        *sections, key = dotted.split(".")
-        target = raw
-        for section in sections:
-            target = target[section]
-        target[key] = value
+    raw = with_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
     (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return folder
 

@@ -5,6 +5,7 @@ with one line naming the key before any image is read or any model is built.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import typing
@@ -278,6 +279,19 @@ def dotted(tree: dict, prefix: str = "") -> dict:
         else:
             flat[prefix + key] = value
     return flat
+
+
+def with_overrides(tree: dict, overrides: dict | None) -> dict:
+    """A copy of a params tree with dotted keys set ({"train.epochs": 2}), as `dvc exp run -S`
+    sets them (the key must exist)."""
+    tree = copy.deepcopy(tree)
+    for key, value in (overrides or {}).items():
+        *sections, name = key.split(".")
+        target = tree
+        for section in sections:
+            target = target[section]
+        target[name] = value
+    return tree
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

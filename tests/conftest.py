@@ -4,7 +4,6 @@ test session."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import zipfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import yaml
 from clipcore.demo import write_demo
 from clipcore.manifests import prepare
 from clipcore.model import FineTunedCLIP
-from clipcore.params import Params, parse_params
+from clipcore.params import Params, parse_params, with_overrides
 
 REPO = Path(__file__).parents[1]
 TEST_PARAMS = Path(__file__).with_name("params.yaml")  # params.yaml's defaults, same keys
@@ -30,18 +29,6 @@ def write_params(folder: Path, overrides: dict | None = None) -> Path:
     path.write_text(yaml.safe_dump(with_overrides(default_params_dict(), overrides),
                                    sort_keys=False))
     return path
-
-
-def with_overrides(raw: dict, overrides: dict | None) -> dict:
-    """A copy of a params dict with dotted keys ("train.epochs": 2) set."""
-    raw = copy.deepcopy(raw)
-    for dotted, value in (overrides or {}).items():
-        *sections, key = dotted.split(".")
-        target = raw
-        for section in sections:
-            target = target[section]
-        target[key] = value
-    return raw
 
 
 @pytest.fixture(autouse=True)
