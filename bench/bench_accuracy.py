@@ -54,7 +54,8 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipcore import paths  # noqa: E402
+from clipcore import compare, paths  # noqa: E402
+from clipcore.best import pick  # noqa: E402
 from clipcore.demo import write_demo  # noqa: E402
 from clipcore.domain import GALLERY_RENDERING, QUERY_RENDERING, rendering_of, write_domain  # noqa: E402
 from clipcore.embedding import embed_all  # noqa: E402
@@ -62,11 +63,10 @@ from clipcore.manifests import prepare, read_manifest  # noqa: E402
 from clipcore.measures import metrics_for_indices  # noqa: E402
 from clipcore.model import build_model  # noqa: E402
 from clipcore.params import Params, parse_params, with_overrides  # noqa: E402
+from clipcore.recipes import SEED_RECIPE  # noqa: E402
 from clipcore.retrieval import retrieve_all  # noqa: E402
 from clipcore.search import top_k  # noqa: E402
 from clipcore.training import train  # noqa: E402
-
-from clipcore.recipes import SEED_RECIPE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAIN_SEED = 0  # the generated world (identities, their images); bench seeds draw splits
@@ -233,19 +233,21 @@ def digit_roots(out: Path, seed: int, data: dict) -> dict:
 
 
 def mean_ci(values) -> str:
-    """mean +- half-width of the Student-t 95% interval (n) of values."""
-    values = np.asarray(values, float)
-    if len(values) < 2:
-        return f"{values.mean():6.1f}          (n={len(values)})"
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return f"{values.mean():6.1f} ± {half:5.1f} (n={len(values)})"
+    """mean +- half-width of the Student-t 95% interval (n) of values (clipcore.compare's)."""
+    mean, half = compare.mean_ci([float(v) for v in values])
+    if half is None:
+        return f"{mean:6.1f}          (n={len(values)})"
+    return f"{mean:6.1f} ± {half:5.1f} (n={len(values)})"
+
+
+def picked_epoch(run: Run, protocol: str) -> int:
+    """The epoch the protocol's val score picks (the best stage's rule)."""
+    return pick([{"epoch": e, "score": s} for e, s in sorted(run.val[protocol].items())]).epoch
 
 
 def picked(run: Run, protocol: str, test_set: str) -> float:
-    """Test score of the epoch the protocol's val score picks (first of ties)."""
-    val = run.val[protocol]
-    epoch = max(val, key=lambda e: (val[e], -e))
-    return run.test[test_set][epoch]
+    """Test score of the epoch the protocol's val score picks."""
+    return run.test[test_set][picked_epoch(run, protocol)]
 
 
 def modes_of(runs: dict) -> list[str]:

@@ -203,8 +203,7 @@ def seeded_post_training(args: argparse.Namespace) -> None:
         for mode, mode_overrides in ba.MODES.items():
             overrides = {**base, **mode_overrides, "seed": seed}
             run = ba.run_pipeline(out / "run", roots, val_prepared, ba.bench_params(overrides))
-            val = run.val["class-mixed"]
-            epoch = max(val, key=lambda e: (val[e], -e))
+            epoch = ba.picked_epoch(run, "class-mixed")
             with contextlib.chdir(out / "run"):
                 for lever, lever_overrides in POST_TRAINING.items():
                     params = ba.bench_params({**overrides, **lever_overrides})
