@@ -30,6 +30,7 @@ score over every epoch of every run, pooled, and the mean of the per-run rhos).
 
     OMP_NUM_THREADS=1 python bench/bench_accuracy.py [--seeds 5] [--epochs N] [--quick]
         [--domains generated,digits] [--modes frozen,unfrozen] [--with KEY=VALUE ...]
+        [--base-identities 600]    # how many identities the generated base is pretrained on
 
 (one thread: on 2 shared cores, two torch threads ran the tiny model 18x slower than one.)
 """
@@ -92,6 +93,7 @@ class Run:
     val: dict[str, dict[int, float]] = field(default_factory=dict)
     test: dict[str, dict[int, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    epoch_seconds: float = 0.0  # mean seconds of a training epoch (its validation included)
 
 
 @functools.cache
@@ -148,6 +150,7 @@ def run_pipeline(work: Path, roots: dict[str, Path], val_prepared: Path | None,
     with contextlib.chdir(work):
         history = train(params, roots["open"], roots["open"] / "prepared")
         run.val[own_protocol(params)] = {row["epoch"]: row["score"] for row in history}
+        run.epoch_seconds = float(np.mean([row["seconds"] for row in history if row["epoch"]]))
         for name, root in roots.items():
             embed_all(params, root, root / "prepared")
             run.test[name] = {epoch: m["score"] for epoch, m in
@@ -349,6 +352,42 @@ def bench_domain(domain: str, seeds: range, base: dict, data: dict, make_roots,
     protocol_report(domain, runs, protocols)
 
 
+@dataclass
+class Domain:
+    """A benchmark domain ready to run: the tiny model on its pretrained base, the val split every
+    row uses, each seed's data roots (and photo->render val manifests, or None), the protocols."""
+    name: str
+    base: dict
+    data: dict
+    make_roots: object  # seed -> (roots by test set, photo->render val manifests or None)
+    protocols: list[str]
+
+
+def tiny_overrides(epochs: int) -> dict:
+    # Decoding 32-px images in the main process beats starting DataLoader workers every epoch.
+    return {"model.name": "tiny", "train.epochs": epochs, "retrieve.picture_queries": 0,
+            "train.num_workers": 0, "embed.num_workers": 0, "train.device": "cpu"}
+
+
+def setup_domain(name: str, out: Path, sizes: Sizes, epochs: int, pretrain_epochs: int) -> Domain:
+    """Write the domain's base data, pretrain its base (saved under out) and return it."""
+    if name == "generated":
+        data = {"data.val_split": "class"}
+        write_domain(out / "base", range(sizes.base_identities), range(2), DOMAIN_SEED,
+                     train_images=sizes.base_images)
+        weights = pretrain_base(out / "base", out / "generated_base.pt", pretrain_epochs)
+        return Domain(name, {**tiny_overrides(epochs), "model.pretrained": str(weights)}, data,
+                      lambda seed: generated_roots(out, seed, sizes, data),
+                      ["class-mixed", "photo->render"])
+    if name == "digits":
+        data = {"data.val_split": "image"}
+        write_demo(out / "digits_base", bench_params({}).demo, DOMAIN_SEED, digits_kept=range(4))
+        weights = pretrain_base(out / "digits_base", out / "digits_base.pt", pretrain_epochs)
+        return Domain(name, {**tiny_overrides(epochs), "model.pretrained": str(weights)}, data,
+                      lambda seed: (digit_roots(out, seed, data), None), ["image"])
+    raise SystemExit(f"--domains: unknown domain {name!r} (generated, digits)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -362,37 +401,23 @@ def main() -> None:
                         metavar="KEY=VALUE", help="add a row: the default with these params")
     parser.add_argument("--modes", default="frozen,unfrozen")
     parser.add_argument("--no-seed-recipe", action="store_true")
+    parser.add_argument("--base-identities", type=int, default=Sizes.base_identities,
+                        help="identities the generated domain's base is pretrained on")
     args = parser.parse_args()
     candidate = {key: yaml.safe_load(value) for key, value in
                  (item.split("=", 1) for item in args.candidate)}
     rows, modes = recipes(candidate, not args.no_seed_recipe), args.modes.split(",")
-    sizes, seeds = (QUICK, range(2)) if args.quick else (Sizes(), range(args.seeds))
+    sizes, seeds = ((QUICK, range(2)) if args.quick
+                    else (Sizes(base_identities=args.base_identities), range(args.seeds)))
     epochs = 2 if args.quick else (args.epochs or bench_params({}).train.epochs)
     pretrain_epochs = 3 if args.quick else args.pretrain_epochs
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    # Decoding 32-px images in the main process beats starting DataLoader workers every epoch.
-    tiny = {"model.name": "tiny", "train.epochs": epochs, "retrieve.picture_queries": 0,
-            "train.num_workers": 0, "embed.num_workers": 0, "train.device": "cpu"}
-    domains = args.domains.split(",")
     print(f"{len(seeds)} seeds, {epochs} epochs; recipes: {', '.join(rows)}", flush=True)
-    if "generated" in domains:
-        data = {"data.val_split": "class"}
-        write_domain(out / "base", range(sizes.base_identities), range(2), DOMAIN_SEED,
-                     train_images=sizes.base_images)
-        weights = pretrain_base(out / "base", out / "generated_base.pt", pretrain_epochs)
-        bench_domain("generated", seeds, {**tiny, "model.pretrained": str(weights)}, data,
-                     lambda seed: generated_roots(out, seed, sizes, data),
-                     ["class-mixed", "photo->render"], out, rows, modes)
-    if "digits" in domains:
-        data = {"data.val_split": "image"}
-        base_params = bench_params({})
-        write_demo(out / "digits_base", base_params.demo, DOMAIN_SEED, digits_kept=range(4))
-        weights = pretrain_base(out / "digits_base", out / "digits_base.pt", pretrain_epochs)
-        bench_domain("digits", seeds, {**tiny, "model.pretrained": str(weights)}, data,
-                     lambda seed: (digit_roots(out, seed, data), None), ["image"], out, rows,
-                     modes)
-
+    for name in args.domains.split(","):
+        domain = setup_domain(name, out, sizes, epochs, pretrain_epochs)
+        bench_domain(domain.name, seeds, domain.base, domain.data, domain.make_roots,
+                     domain.protocols, out, rows, modes)
 
 if __name__ == "__main__":
     main()

@@ -12,8 +12,9 @@ yet on bench_accuracy.py's seeded, val-picked harness or its generated domain.
     python bench/bench_levers.py [--epochs N] [--out /tmp/bench_levers]
 
 `--seeded` instead measures the levers that act after training (WiSE-FT, flip TTA, alpha-QE,
-k-reciprocal) on bench_accuracy.py's generated domain over several seeds (`--seeds`), each at
-the epoch the class-split validation picked, as paired changes with 95% intervals:
+k-reciprocal) on bench_accuracy.py's domains (generated and digits) over several seeds
+(`--seeds`), each at the epoch the domain's own validation picked, as paired changes with 95%
+intervals (class-balanced batches, a training lever, are a row of bench/bench_losses.py):
 
     OMP_NUM_THREADS=1 python bench/bench_levers.py --seeded --seeds 5 --epochs 8 --pretrain-epochs 40
 
@@ -184,40 +185,34 @@ POST_TRAINING = {"WiSE-FT 0.5": {"embed.wise_ft_alpha": 0.5}, "flip TTA": {"embe
 
 
 def seeded_post_training(args: argparse.Namespace) -> None:
-    """The levers that act after training, on bench_accuracy.py's generated domain: each seed's
-    default run (frozen and unfrozen) trains once; each lever re-embeds and re-ranks its open
-    and closed test sets at the epoch the class-split validation picked. Paired differences
-    from the same epoch without the lever, mean +- 95% CI over the seeds."""
+    """The levers that act after training, on bench_accuracy.py's domains (`--domains`): each
+    seed's default run (frozen and unfrozen) trains once; each lever re-embeds and re-ranks its
+    open and closed test sets at the epoch the domain's own validation picked. Paired
+    differences from the same epoch without the lever, mean +- 95% CI over the seeds."""
     out = args.out.resolve()
-    sizes = ba.Sizes()
-    data = {"data.val_split": "class"}
-    ba.write_domain(out / "base", range(sizes.base_identities), range(2), ba.DOMAIN_SEED,
-                    train_images=sizes.base_images)
-    weights = ba.pretrain_base(out / "base", out / "generated_base.pt", args.pretrain_epochs)
-    base = {"model.name": "tiny", "train.epochs": args.epochs or 8, "retrieve.picture_queries": 0,
-            "train.num_workers": 0, "embed.num_workers": 0, "train.device": "cpu",
-            "model.pretrained": str(weights), **data}
-    gains = {}  # (mode, lever, set) -> per-seed score differences
-    for seed in range(args.seeds):
-        roots, val_prepared = ba.generated_roots(out, seed, sizes, data)
-        for mode, mode_overrides in ba.MODES.items():
-            overrides = {**base, **mode_overrides, "seed": seed}
-            run = ba.run_pipeline(out / "run", roots, val_prepared, ba.bench_params(overrides))
-            epoch = ba.picked_epoch(run, "class-mixed")
-            with contextlib.chdir(out / "run"):
-                for lever, lever_overrides in POST_TRAINING.items():
-                    params = ba.bench_params({**overrides, **lever_overrides})
-                    for name, root in roots.items():
-                        embed_all(params, root, root / "prepared")
-                        score = retrieve_all(params.retrieve, root,
-                                             root / "prepared").metrics[epoch]["score"]
-                        gains.setdefault((mode, lever, name), []).append(
-                            score - run.test[name][epoch])
-            print(f"  done: seed {seed}, {mode}", flush=True)
-    print(f"\npost-training levers on the generated domain, default recipe, {args.seeds} seeds: "
-          f"test score change at the val-picked epoch, mean ± 95% CI")
-    for (mode, lever, name), values in gains.items():
-        print(f"  {mode:9s} {lever:14s} {name:6s} set: {ba.mean_ci(values)}")
+    for name in args.domains.split(","):
+        domain = ba.setup_domain(name, out, ba.Sizes(), args.epochs or 8, args.pretrain_epochs)
+        gains = {}  # (mode, lever, set) -> per-seed score differences
+        for seed in range(args.seeds):
+            roots, val_prepared = domain.make_roots(seed)
+            for mode, mode_overrides in ba.MODES.items():
+                overrides = {**domain.base, **domain.data, **mode_overrides, "seed": seed}
+                run = ba.run_pipeline(out / "run", roots, val_prepared, ba.bench_params(overrides))
+                epoch = ba.picked_epoch(run, domain.protocols[0])
+                with contextlib.chdir(out / "run"):
+                    for lever, lever_overrides in POST_TRAINING.items():
+                        params = ba.bench_params({**overrides, **lever_overrides})
+                        for test_set, root in roots.items():
+                            embed_all(params, root, root / "prepared")
+                            score = retrieve_all(params.retrieve, root,
+                                                 root / "prepared").metrics[epoch]["score"]
+                            gains.setdefault((mode, lever, test_set), []).append(
+                                score - run.test[test_set][epoch])
+                print(f"  done: {name}, seed {seed}, {mode}", flush=True)
+        print(f"\npost-training levers on the {name} domain, default recipe, {args.seeds} seeds: "
+              f"test score change at the val-picked epoch, mean ± 95% CI")
+        for (mode, lever, test_set), values in gains.items():
+            print(f"  {mode:9s} {lever:14s} {test_set:6s} set: {ba.mean_ci(values)}")
 
 
 def main() -> None:
@@ -227,6 +222,7 @@ def main() -> None:
                         help="the post-training levers on bench_accuracy's generated domain, "
                              "several seeds (--seeds), val-picked epochs")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--domains", default="generated,digits", help="with --seeded")
     args = parser.parse_args()
     if args.seeded:
         seeded_post_training(args)

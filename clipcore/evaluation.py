@@ -1,5 +1,5 @@
 """Each epoch's validation: val_loss over fixed batches of the val images, and retrieval with each
-val image as a query (the protocol: clipcore.validation)."""
+val image (or each one `data.val_queries` names) as a query (the protocol: clipcore.validation)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,7 +8,7 @@ import torch
 
 from clipcore.model import FineTunedCLIP
 from clipcore.splits import BackboneFeatures, Split
-from clipcore.validation import train_joins_gallery, validation_metrics
+from clipcore.validation import query_rows, train_joins_gallery, validation_metrics
 
 VALIDATION_COLUMNS = ("top1", "top5", "top10", "score", "precision_at_k", "map_at_k",
                       "val_queries", "val_unmatched")
@@ -17,9 +17,11 @@ BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (embeddings,
 
 @torch.no_grad()
 def evaluate(model: FineTunedCLIP, features: BackboneFeatures, val: Split, train: Split,
-             batch_loss: BatchLoss, val_order: torch.Tensor, batch_size: int, k: int) -> dict:
+             batch_loss: BatchLoss, val_order: torch.Tensor, batch_size: int, k: int,
+             val_queries: str) -> dict:
     """val_loss and the VALIDATION_COLUMNS the val images measure (none without val images), with
-    the model as it is (the caller sets eval mode)."""
+    the model as it is (the caller sets eval mode). val_queries: `data.val_queries`, the file
+    name pattern of the val images that query ("": all of them)."""
     if not len(val.paths):
         return {}
     embeddings = model.embed_features(features(val)).float()
@@ -27,7 +29,9 @@ def evaluate(model: FineTunedCLIP, features: BackboneFeatures, val: Split, train
     val_labels, train_labels = val.labels.cpu().numpy(), train.labels.cpu().numpy()
     gallery = (model.embed_features(features(train)).float().cpu().numpy()
                if train_joins_gallery(val_labels, train_labels) else None)
-    measures = validation_metrics(embeddings.cpu().numpy(), val_labels, k, gallery, train_labels)
+    measures = validation_metrics(embeddings.cpu().numpy(), val_labels, k, gallery, train_labels,
+                                  query_mask=query_rows(val.paths, val_queries),
+                                  train_query_mask=query_rows(train.paths, val_queries))
     row.update({key: float(measures[key]) for key in VALIDATION_COLUMNS if key in measures})
     return row
 

@@ -39,6 +39,16 @@ class DataParams:
     val_split: str = _field(choices=("image", "class"))
     caption_template: str = _field(contains="{name}")
     numeric_caption_template: str = _field(contains="{name}")
+    # An fnmatch pattern on a val image's file name ("photo_*"): those val images are the queries,
+    # the others the gallery (clipcore.validation). "": every val image queries all the others.
+    # Last, with a default, so DataParams built in code keep today's protocol.
+    val_queries: str = ""
+
+    def __post_init__(self):
+        # Matched against base names, which never hold a slash: such a pattern matches nothing.
+        if "/" in self.val_queries or "\\" in self.val_queries:
+            raise ParamsError(f"'data.val_queries' is matched against a file's base name "
+                              f"(e.g. photo_*): it can't hold a slash, got {self.val_queries!r}")
 
 
 @dataclass(frozen=True)
