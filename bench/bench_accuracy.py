@@ -31,6 +31,8 @@ score over every epoch of every run, pooled, and the mean of the per-run rhos).
     OMP_NUM_THREADS=1 python bench/bench_accuracy.py [--seeds 5] [--epochs N] [--quick]
         [--domains generated,digits] [--modes frozen,unfrozen] [--with KEY=VALUE ...]
         [--base-identities 600]    # how many identities the generated base is pretrained on
+        [--base-renderings photo]  # a generated base that never saw a render (as CLIP never
+                                   # saw the competition's renders paired with its photos)
 
 (one thread: on 2 shared cores, two torch threads ran the tiny model 18x slower than one.)
 """
@@ -58,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clipcore import compare, paths  # noqa: E402
 from clipcore.best import pick  # noqa: E402
 from clipcore.demo import write_demo  # noqa: E402
-from clipcore.domain import GALLERY_RENDERING, QUERY_RENDERING, rendering_of, write_domain  # noqa: E402
+from clipcore.domain import (GALLERY_RENDERING, QUERY_RENDERING, RENDERINGS,  # noqa: E402
+                             rendering_of, write_domain)
 from clipcore.embedding import embed_all  # noqa: E402
 from clipcore.manifests import prepare, read_manifest  # noqa: E402
 from clipcore.measures import metrics_for_indices  # noqa: E402
@@ -78,6 +81,7 @@ SETS = ("open", "closed")
 @dataclass(frozen=True)
 class Sizes:
     base_identities: int = 600
+    base_renderings: tuple[str, ...] = RENDERINGS  # ("photo",): a base that never saw a render
     base_images: int = 6
     finetune_identities: int = 240
     open_identities: int = 300
@@ -374,7 +378,7 @@ def setup_domain(name: str, out: Path, sizes: Sizes, epochs: int, pretrain_epoch
     if name == "generated":
         data = {"data.val_split": "class"}
         write_domain(out / "base", range(sizes.base_identities), range(2), DOMAIN_SEED,
-                     train_images=sizes.base_images)
+                     train_images=sizes.base_images, renderings=sizes.base_renderings)
         weights = pretrain_base(out / "base", out / "generated_base.pt", pretrain_epochs)
         return Domain(name, {**tiny_overrides(epochs), "model.pretrained": str(weights)}, data,
                       lambda seed: generated_roots(out, seed, sizes, data),
@@ -403,12 +407,16 @@ def main() -> None:
     parser.add_argument("--no-seed-recipe", action="store_true")
     parser.add_argument("--base-identities", type=int, default=Sizes.base_identities,
                         help="identities the generated domain's base is pretrained on")
+    parser.add_argument("--base-renderings", default=",".join(RENDERINGS),
+                        help="renderings the generated base sees (photo: never a render)")
     args = parser.parse_args()
     candidate = {key: yaml.safe_load(value) for key, value in
                  (item.split("=", 1) for item in args.candidate)}
     rows, modes = recipes(candidate, not args.no_seed_recipe), args.modes.split(",")
     sizes, seeds = ((QUICK, range(2)) if args.quick
-                    else (Sizes(base_identities=args.base_identities), range(args.seeds)))
+                    else (Sizes(base_identities=args.base_identities,
+                                base_renderings=tuple(args.base_renderings.split(","))),
+                          range(args.seeds)))
     epochs = 2 if args.quick else (args.epochs or bench_params({}).train.epochs)
     pretrain_epochs = 3 if args.quick else args.pretrain_epochs
     out = args.out.resolve()

@@ -104,10 +104,11 @@ def draw(identity: Identity, rendering: str, rng: np.random.Generator, size: int
 
 
 def write_domain(out: Path, train_ids, test_ids, seed: int, *, train_images: int = 5,
-                 queries: int = 2, gallery: int = 2, size: int = 32) -> None:
-    """A data root: train/<id>/{photo,render}_K.png (`train_images` per identity, renderings
-    alternating, photos first), test/query/ (`queries` photos of each test identity) and
-    test/gallery/ (`gallery` renders), UUID-named, and test_labels.csv.
+                 queries: int = 2, gallery: int = 2, size: int = 32,
+                 renderings: tuple[str, ...] = RENDERINGS) -> None:
+    """A data root: train/<id>/{photo,render}_K.png (`train_images` per identity, taking the
+    `renderings` in turns, photos first by default), test/query/ (`queries` photos of each test
+    identity) and test/gallery/ (`gallery` renders), UUID-named, and test_labels.csv.
 
     Identities are numbered: the same number is the same identity in every root written with
     this seed. Test images are drawn after an identity's training images, so test identities that
@@ -121,7 +122,7 @@ def write_domain(out: Path, train_ids, test_ids, seed: int, *, train_images: int
     images, labels = [], []  # (relative path, identity, rendering, image number); label rows
     for number in train_ids:
         for k in range(train_images):
-            rendering = RENDERINGS[k % 2]
+            rendering = renderings[k % len(renderings)]
             images.append((f"train/{_folder(number)}/{rendering}_{k}.png", number, rendering, k))
     for number in test_ids:
         for split, rendering, count, first in (

@@ -110,3 +110,17 @@ def test_never_overwrites_a_folder_that_is_not_generated(tmp_path):
     with pytest.raises(ClipcoreError, match="not a demo data folder"):
         write_domain(tmp_path / "real", TRAIN, TEST, seed=0)
     assert (tmp_path / "real" / "keep.txt").read_text() == "user data"
+
+
+def test_a_base_of_one_rendering_sees_only_that_rendering(tmp_path):
+    # A base pretrained on photos alone never sees a render: the cross-rendering invariance is
+    # then what fine-tuning has to teach (bench_accuracy --base-renderings photo).
+    root = tmp_path / "photos"
+    write_domain(root, range(2), range(2, 3), seed=3, renderings=("photo",))
+    names = {p.name for p in (root / "train").rglob("*.png")}
+    assert names == {f"photo_{k}.png" for k in range(5)}
+    both = tmp_path / "both"
+    write_domain(both, range(2), range(2, 3), seed=3)
+    # The photos the two roots share are the same images (same identity, same image number).
+    assert ((root / "train/0000/photo_2.png").read_bytes()
+            == (both / "train/0000/photo_2.png").read_bytes())
