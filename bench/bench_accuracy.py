@@ -266,12 +266,19 @@ def report(domain: str, runs: dict, knn: dict, protocols: list[str]) -> None:
     protocol's val-picked test score, last epoch, best on test (upper bound), and the default's
     paired gains."""
     print(f"\n{domain}, validation only (the evidence a default may change on): "
-          f"best val score of each run, mean ± 95% CI")
+          f"best val score of each run, mean ± 95% CI; other rows also paired with the default's "
+          f"run of the same seed")
     for mode in modes_of(runs):
+        default = runs[("default", mode)]
         for recipe in [name for name, m in runs if m == mode]:
-            print(f"  {mode:9s} {recipe:24s} " + " | ".join(
-                f"{p}: {mean_ci([max(r.val[p].values()) for r in runs[(recipe, mode)]])}"
-                for p in protocols))
+            cells = []
+            for p in protocols:
+                best = [max(r.val[p].values()) for r in runs[(recipe, mode)]]
+                cell = f"{p}: {mean_ci(best)}"
+                if recipe != "default":
+                    cell += f" (paired: {mean_ci(np.subtract(best, [max(r.val[p].values()) for r in default]))})"
+                cells.append(cell)
+            print(f"  {mode:9s} {recipe:24s} " + " | ".join(cells))
     for test_set in SETS:
         for mode in modes_of(runs):
             print(f"\n{domain}, {test_set} set, {mode} (test score /1000, mean ± 95% CI)")

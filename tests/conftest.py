@@ -4,6 +4,7 @@ test session."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import zipfile
 from pathlib import Path
 
@@ -35,6 +36,16 @@ def write_params(folder: Path, overrides: dict | None = None) -> Path:
 def no_proxy_for_loopback(monkeypatch):
     """A proxy configured in the environment must not intercept the tests' loopback servers."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt in this test, as at a terminal, even when pytest was
+    started where SIGINT is ignored (a background job of a non-interactive shell inherits
+    SIG_IGN, and Python then installs no handler)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session")

@@ -150,7 +150,7 @@ os.register_at_fork(after_in_parent=_interrupt_once)
 
 
 def test_ctrl_c_while_loader_workers_start_stops_the_run(tmp_path, params_factory,
-                                                         prepared_demo):
+                                                         prepared_demo, ctrl_c_raises):
     """Python runs its at-fork handlers (logging's lock release) with any KeyboardInterrupt
     they raise printed as "Exception ignored" and dropped: before, a Ctrl-C that came while the
     DataLoader forked its workers was swallowed and the embedding ran on to the end."""

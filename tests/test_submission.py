@@ -434,7 +434,7 @@ def test_a_request_that_may_have_arrived_is_sent_again_only_with_force(tmp_path,
     assert {path: path.read_bytes() for path in before} == before
 
 
-def test_ctrl_c_while_waiting_for_an_answer_is_recorded(tmp_path):
+def test_ctrl_c_while_waiting_for_an_answer_is_recorded(tmp_path, ctrl_c_raises):
     """The stage stopped mid-request: before, no row was left and a rerun posted again."""
     write_results(tmp_path / "results", {0: TINY_RANKING})
     scripted = ScriptedServer([("silent", 1.5)])
