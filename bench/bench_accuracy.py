@@ -31,6 +31,7 @@ score over every epoch of every run, pooled, and the mean of the per-run rhos).
     OMP_NUM_THREADS=1 python bench/bench_accuracy.py [--seeds 5] [--epochs N] [--quick]
         [--domains generated,digits] [--modes frozen,unfrozen] [--with KEY=VALUE ...]
         [--base-identities 600]    # how many identities the generated base is pretrained on
+        [--finetune-identities 240]  # identities fine-tuned on (up to 700)
         [--base-renderings photo]  # a generated base that never saw a render (as CLIP never
                                    # saw the competition's renders paired with its photos)
 
@@ -414,6 +415,9 @@ def main() -> None:
     parser.add_argument("--no-seed-recipe", action="store_true")
     parser.add_argument("--base-identities", type=int, default=Sizes.base_identities,
                         help="identities the generated domain's base is pretrained on")
+    parser.add_argument("--finetune-identities", type=int, default=Sizes.finetune_identities,
+                        help="identities fine-tuned on (the competition has 921; at most "
+                             f"{Sizes.pool - Sizes.open_identities} beside the open set)")
     parser.add_argument("--base-renderings", default=",".join(RENDERINGS),
                         help="renderings the generated base sees (photo: never a render)")
     args = parser.parse_args()
@@ -422,7 +426,8 @@ def main() -> None:
     rows, modes = recipes(candidate, not args.no_seed_recipe), args.modes.split(",")
     sizes, seeds = ((QUICK, range(2)) if args.quick
                     else (Sizes(base_identities=args.base_identities,
-                                base_renderings=tuple(args.base_renderings.split(","))),
+                                base_renderings=tuple(args.base_renderings.split(",")),
+                                finetune_identities=args.finetune_identities),
                           range(args.seeds)))
     epochs = 2 if args.quick else (args.epochs or bench_params({}).train.epochs)
     pretrain_epochs = 3 if args.quick else args.pretrain_epochs
