@@ -219,7 +219,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_bench_arguments(parser, "/tmp/bench_levers")
     parser.add_argument("--seeded", action="store_true",
-                        help="the post-training levers on bench_accuracy's generated domain, "
+                        help="the post-training levers on bench_accuracy's domains (--domains), "
                              "several seeds (--seeds), val-picked epochs")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--domains", default="generated,digits", help="with --seeded")
