@@ -12,6 +12,9 @@ n - 1 degrees of freedom; one seed gives no interval) of:
   metrics.json that `dvc exp show` lists holds the last epoch only;
 - the test metrics of that same epoch, where the test labels are known (the retrieve stage's
   metrics/retrieval.json, as `dvc exp show` lists it).
+With several configurations it also prints each one's difference from the first (A), paired by
+seed over the seeds both ran: a seed draws the same split, init and batch order for both, so
+what the seed moves alike cancels out.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ ROWS = [("val-picked epoch", "val", "epoch", 1),
 FINISHED = (None, "success")  # executor states of a finished experiment (None: run in place)
 TRAIN_METRICS = "repository/metrics/train/metrics.json"
 WIDTH = 100  # of the configuration lines
+PAIRED_ROWS = [row for row in ROWS if row[2] == "score"]  # differences from A: the scores
 
 
 @dataclass(frozen=True)
@@ -157,9 +161,20 @@ def report(experiments: list[Experiment], skipped: list[str]) -> str:
     lines += ["", f"{'mean ± 95% CI':20s}" + "".join(f"{n:>{width}s}" for n in names)]
     for i, (label, *_) in enumerate(ROWS):
         lines.append(f"{label:20s}" + "".join(f"{column[i]:>{width}s}" for column in columns))
+    if len(groups) > 1:
+        reference, *others = groups.values()
+        paired = [[_paired_cell(reference, members, source, key, decimals)
+                   for _, source, key, decimals in PAIRED_ROWS] for members in others]
+        width = max(len(cell) for column in paired for cell in column) + 2
+        lines += ["", f"{'minus A, by seed':20s}" + "".join(f"{n:>{width}s}" for n in names[1:])]
+        for i, (label, *_) in enumerate(PAIRED_ROWS):
+            lines.append(f"{label:20s}" + "".join(f"{column[i]:>{width}s}" for column in paired))
     lines += ["", "val-picked epoch: the highest val score (clipcore.best, as the best stage); "
               "test: that epoch's test metrics (retrieval.json).",
               "95% CI: mean ± t(0.975, n-1) * sd / sqrt(n) over the seeds; n=1: no interval."]
+    if len(groups) > 1:
+        lines.append("minus A, by seed: each seed's score minus A's run of the same seed, over "
+                     "the seeds both ran (n); an interval without 0 is a real difference.")
     unpicked = [e.name for e in experiments if not e.picked]
     if unpicked:
         lines.append(f"last epoch, not val-picked (no training_metrics.csv in the commit): "
@@ -176,6 +191,22 @@ def _cell(members: list[Experiment], source: str, key: str, decimals: int) -> st
     spread = f" (n={len(values)})" if half is None else f" ± {half:.{decimals}f}"
     missing = "" if len(values) == len(members) else f" [{len(values)} of {len(members)}]"
     return f"{mean:.{decimals}f}{spread}{missing}"
+
+
+def _paired_cell(reference: list[Experiment], members: list[Experiment], source: str,
+                 key: str, decimals: int) -> str:
+    """The mean ± 95% CI of members' value minus the reference's, seed by seed."""
+    def by_seed(experiments):
+        found = {e.params.get(SEED): (getattr(e, source) or {}).get(key) for e in experiments}
+        return {seed: float(v) for seed, v in found.items()
+                if v is not None and not math.isnan(float(v))}
+    base, other = by_seed(reference), by_seed(members)
+    differences = [other[seed] - base[seed] for seed in sorted(set(base) & set(other))]
+    if not differences:
+        return "- (no common seed)"
+    mean, half = mean_ci(differences)
+    spread = "" if half is None else f" ± {half:.{decimals}f}"
+    return f"{mean:+.{decimals}f}{spread} (n={len(differences)})"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,6 +53,14 @@ def expected_rows(root) -> dict[str, list[dict]]:
     return by_head
 
 
+def tables(lines: list[str]) -> list[dict[str, list[str]]]:
+    """The printed tables (blocks between blank lines), each as {row label: cells}."""
+    blocks = "\n".join(lines).split("\n\n")
+    return [{cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip())
+                                               for line in block.splitlines())}
+            for block in blocks[1:-1]]
+
+
 def interval(values: list[float]) -> str:
     half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return f"{statistics.fmean(values):.1f} ± {half:.1f}"
@@ -69,7 +77,7 @@ def test_compare_prints_each_configurations_mean_and_t_interval(sweep):
         line = next(line for line in lines if line.endswith(f"model.head={head}"))
         assert "(n=2; seeds 1, 2):" in line
         names[head] = line.split()[0]
-    table = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in lines)}
+    table = tables(lines)[0]
     columns = table["mean ± 95% CI"]
     for head in HEADS:
         column = columns.index(names[head])
@@ -77,6 +85,27 @@ def test_compare_prints_each_configurations_mean_and_t_interval(sweep):
             assert table[label][column] == interval([row[key] for row in expected[head]])
         epochs = [row["epoch"] for row in expected[head]]
         assert table["val-picked epoch"][column].startswith(f"{statistics.fmean(epochs):.1f} ± ")
+
+
+def test_the_other_configuration_is_compared_with_a_seed_by_seed(sweep):
+    """What a user deciding between two recipes needs: the difference on the same seeds (the
+    same split and init), with its interval, from each experiment's own files."""
+    out = run(sweep, sys.executable, "-m", "clipcore.compare")
+    expected = expected_rows(sweep)
+    lines = out.splitlines()
+    names = {head: next(line for line in lines if line.endswith(f"model.head={head}")).split()[0]
+             for head in HEADS}
+    reference = next(head for head in HEADS if names[head] == "A")
+    other = next(head for head in HEADS if head != reference)
+    assert names[other] == "B"
+    table = tables(lines)[1]
+    assert table["minus A, by seed"] == ["B"]
+    for label, key in (("val score", "val"), ("test score", "test")):
+        by_seed = {head: {row["seed"]: row[key] for row in expected[head]} for head in HEADS}
+        differences = [by_seed[other][seed] - by_seed[reference][seed] for seed in (1, 2)]
+        half = (stats.t.ppf(0.975, 1) * statistics.stdev(differences)
+                / math.sqrt(len(differences)))
+        assert table[label] == [f"{statistics.fmean(differences):+.1f} ± {half:.1f} (n=2)"]
 
 
 def test_one_seed_gives_no_interval_and_unfinished_runs_are_named(sweep, tmp_path):
