@@ -155,20 +155,14 @@ def report(experiments: list[Experiment], skipped: list[str]) -> str:
         label = " ".join(dvc_overrides(dict(config))) or "(the only configuration)"
         lines += textwrap.wrap(f"{name} (n={len(members)}; seeds {seeds}): {label}", WIDTH,
                                initial_indent="  ", subsequent_indent="      ")
-    columns = [[_cell(members, source, key, decimals) for _, source, key, decimals in ROWS]
-               for members in groups.values()]
-    width = max(len(cell) for column in columns for cell in column) + 2
-    lines += ["", f"{'mean ± 95% CI':20s}" + "".join(f"{n:>{width}s}" for n in names)]
-    for i, (label, *_) in enumerate(ROWS):
-        lines.append(f"{label:20s}" + "".join(f"{column[i]:>{width}s}" for column in columns))
+    lines += _table("mean ± 95% CI", names, ROWS,
+                    [[_cell(members, source, key, decimals) for _, source, key, decimals in ROWS]
+                     for members in groups.values()])
     if len(groups) > 1:
         reference, *others = groups.values()
-        paired = [[_paired_cell(reference, members, source, key, decimals)
-                   for _, source, key, decimals in PAIRED_ROWS] for members in others]
-        width = max(len(cell) for column in paired for cell in column) + 2
-        lines += ["", f"{'minus A, by seed':20s}" + "".join(f"{n:>{width}s}" for n in names[1:])]
-        for i, (label, *_) in enumerate(PAIRED_ROWS):
-            lines.append(f"{label:20s}" + "".join(f"{column[i]:>{width}s}" for column in paired))
+        lines += _table("minus A, by seed", names[1:], PAIRED_ROWS,
+                        [[_paired_cell(reference, members, source, key, decimals)
+                          for _, source, key, decimals in PAIRED_ROWS] for members in others])
     lines += ["", "val-picked epoch: the highest val score (clipcore.best, as the best stage); "
               "test: that epoch's test metrics (retrieval.json).",
               "95% CI: mean ± t(0.975, n-1) * sd / sqrt(n) over the seeds; n=1: no interval."]
@@ -182,9 +176,23 @@ def report(experiments: list[Experiment], skipped: list[str]) -> str:
     return "\n".join(lines + skipped)
 
 
+def _table(title: str, names: list[str], rows: list[tuple], columns: list[list[str]]) -> list[str]:
+    """A blank line, then the table's lines: a column per configuration, a line per row."""
+    width = max(len(cell) for column in columns for cell in column) + 2
+    lines = ["", f"{title:20s}" + "".join(f"{n:>{width}s}" for n in names)]
+    for i, (label, *_) in enumerate(rows):
+        lines.append(f"{label:20s}" + "".join(f"{column[i]:>{width}s}" for column in columns))
+    return lines
+
+
+def _values(members: list[Experiment], source: str, key: str) -> list[tuple[object, float]]:
+    """(seed, value) of each experiment that has the val or test metric `key`."""
+    found = [(e.params.get(SEED), (getattr(e, source) or {}).get(key)) for e in members]
+    return [(seed, float(v)) for seed, v in found if v is not None and not math.isnan(float(v))]
+
+
 def _cell(members: list[Experiment], source: str, key: str, decimals: int) -> str:
-    values = [(getattr(e, source) or {}).get(key) for e in members]
-    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    values = [value for _, value in _values(members, source, key)]
     if not values:
         return "-"
     mean, half = mean_ci(values)
@@ -196,11 +204,7 @@ def _cell(members: list[Experiment], source: str, key: str, decimals: int) -> st
 def _paired_cell(reference: list[Experiment], members: list[Experiment], source: str,
                  key: str, decimals: int) -> str:
     """The mean ± 95% CI of members' value minus the reference's, seed by seed."""
-    def by_seed(experiments):
-        found = {e.params.get(SEED): (getattr(e, source) or {}).get(key) for e in experiments}
-        return {seed: float(v) for seed, v in found.items()
-                if v is not None and not math.isnan(float(v))}
-    base, other = by_seed(reference), by_seed(members)
+    base, other = dict(_values(reference, source, key)), dict(_values(members, source, key))
     differences = [other[seed] - base[seed] for seed in sorted(set(base) & set(other))]
     if not differences:
         return "- (no common seed)"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from clipcore.model import FineTunedCLIP
 from clipcore.splits import BackboneFeatures, Split
-from clipcore.validation import query_rows, train_joins_gallery, validation_metrics
+from clipcore.validation import train_joins_gallery, validation_metrics
 
 VALIDATION_COLUMNS = ("top1", "top5", "top10", "score", "precision_at_k", "map_at_k",
                       "val_queries", "val_unmatched")
@@ -18,10 +19,11 @@ BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (embeddings,
 @torch.no_grad()
 def evaluate(model: FineTunedCLIP, features: BackboneFeatures, val: Split, train: Split,
              batch_loss: BatchLoss, val_order: torch.Tensor, batch_size: int, k: int,
-             val_queries: str) -> dict:
+             query_masks: tuple[np.ndarray | None, np.ndarray | None]) -> dict:
     """val_loss and the VALIDATION_COLUMNS the val images measure (none without val images), with
-    the model as it is (the caller sets eval mode). val_queries: `data.val_queries`, the file
-    name pattern of the val images that query ("": all of them)."""
+    the model as it is (the caller sets eval mode). query_masks: which val and training images
+    are in the queries' rendering (clipcore.validation.query_masks; None: every val image
+    queries)."""
     if not len(val.paths):
         return {}
     embeddings = model.embed_features(features(val)).float()
@@ -30,8 +32,7 @@ def evaluate(model: FineTunedCLIP, features: BackboneFeatures, val: Split, train
     gallery = (model.embed_features(features(train)).float().cpu().numpy()
                if train_joins_gallery(val_labels, train_labels) else None)
     measures = validation_metrics(embeddings.cpu().numpy(), val_labels, k, gallery, train_labels,
-                                  query_mask=query_rows(val.paths, val_queries),
-                                  train_query_mask=query_rows(train.paths, val_queries))
+                                  query_mask=query_masks[0], train_query_mask=query_masks[1])
     row.update({key: float(measures[key]) for key in VALIDATION_COLUMNS if key in measures})
     return row
 

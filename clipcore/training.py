@@ -32,7 +32,7 @@ from clipcore.resume import TRAIN_FORMAT, checkpoint_to_resume, restore_rng, rng
 from clipcore.run_files import METRIC_COLUMNS, RunFiles
 from clipcore.sampling import SeededImages, epoch_plan, make_batches
 from clipcore.splits import BackboneFeatures, load_splits
-from clipcore.validation import check_val_queries
+from clipcore.validation import query_masks
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.98), 1e-6  # CLIP's (and the seed's); the defaults are unstable for it
 LOSS_SHOWN_EVERY = 20  # steps between updates of the progress bar's loss (each reads the device)
@@ -81,9 +81,10 @@ class Trainer:
         _seed_everything(params.seed)
         classes, captions, self.train_split, self.val_split = load_splits(
             data_root, prepared, self.device)
-        # A data.val_queries that leaves validation no query or no gallery stops the run here,
-        # before the model is built.
-        check_val_queries(self.val_split.paths, params.data.val_queries)
+        # Which images query under data.val_queries, once; a pattern that leaves validation no
+        # query or no gallery stops the run here, before the model is built.
+        self.query_masks = query_masks(self.val_split.paths, self.train_split.paths,
+                                       params.data.val_queries)
         self.model = build_model(params.model, self.device)
         self.frozen = params.train.freeze_backbone
         self.model.set_backbone_trainable(not self.frozen)
@@ -190,7 +191,7 @@ class Trainer:
         row.update(evaluate(
             self.model, self.features, self.val_split, self.train_split, self.loss,
             self.val_order, self.params.train.batch_size, self.params.train.val_top_k,
-            self.params.data.val_queries))
+            self.query_masks))
         row["seconds"] = time.perf_counter() - started
         return row
 

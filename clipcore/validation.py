@@ -44,22 +44,24 @@ def query_rows(paths, pattern: str) -> np.ndarray | None:
     return np.array([fnmatchcase(Path(path).name, pattern) for path in paths], dtype=bool)
 
 
-def check_val_queries(val_paths, pattern: str) -> None:
-    """Stop before any training work when `data.val_queries` leaves validation no query or no
-    gallery among the val images. No val images at all (`data.val_fraction: 0`) is a run
-    without validation, as without the pattern."""
+def query_masks(val_paths, train_paths, pattern: str) -> tuple[np.ndarray | None,
+                                                                np.ndarray | None]:
+    """The `query_rows` masks of the val and the training images, drawn once per run (the splits
+    never change). Stops before any training work when `data.val_queries` leaves validation no
+    query or no gallery among the val images. No val images at all (`data.val_fraction: 0`) is a
+    run without validation, as without the pattern."""
     rows = query_rows(val_paths, pattern)
-    if rows is None or not len(rows):
-        return
-    matched = int(rows.sum())
-    if matched == 0:
-        raise ClipcoreError(f"params: 'data.val_queries' {pattern!r} matches none of the "
-                            f"{len(rows)} val images: no val query (the pattern is on the file "
-                            f"name, e.g. photo_*; empty: every val image queries)")
-    if matched == len(rows):
-        raise ClipcoreError(f"params: 'data.val_queries' {pattern!r} matches all {len(rows)} "
-                            f"val images: no val gallery (the gallery is the val images whose "
-                            f"name does not match)")
+    if rows is not None and len(rows):
+        matched = int(rows.sum())
+        if matched == 0:
+            raise ClipcoreError(f"params: 'data.val_queries' {pattern!r} matches none of the "
+                                f"{len(rows)} val images: no val query (the pattern is on the "
+                                f"file name, e.g. photo_*; empty: every val image queries)")
+        if matched == len(rows):
+            raise ClipcoreError(f"params: 'data.val_queries' {pattern!r} matches all "
+                                f"{len(rows)} val images: no val gallery (the gallery is the val "
+                                f"images whose name does not match)")
+    return rows, query_rows(train_paths, pattern)
 
 
 def validation_metrics(val: np.ndarray, val_labels: np.ndarray, k: int,
