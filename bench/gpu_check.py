@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
+import math
 import os
 import shutil
 import subprocess
@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from clipcore import paths  # noqa: E402
+from clipcore.best import read_training_metrics  # noqa: E402
 from clipcore.checkpoint import load_file, save_atomic  # noqa: E402
 from clipcore.demo import write_demo  # noqa: E402
 from clipcore.embedding import embed_all  # noqa: E402
@@ -63,12 +64,11 @@ from clipcore.images import ImageFiles  # noqa: E402
 from clipcore.manifests import prepare  # noqa: E402
 from clipcore.model import build_model  # noqa: E402
 from clipcore.params import ModelParams, load_params, parse_params, with_overrides  # noqa: E402
+from clipcore.stage import first_line  # noqa: E402
 from clipcore.training import train  # noqa: E402
 
 TINY = {"model.name": "tiny", "model.pretrained": "none", "model.dropout": 0.0,
         "train.augment": False, "data.root": "demo"}
-COMPARED = ("train_loss", "val_loss", "top1", "top5", "top10", "score", "precision_at_k",
-            "map_at_k", "lr")
 SPEED_RATIO = 0.7  # pipeline images/s at least this share of the bare loop's
 
 
@@ -103,7 +103,7 @@ def main() -> None:
             try:
                 passed, numbers = check(machine)
             except Exception as exc:  # noqa: BLE001 - a failed check must not stop the others
-                passed, numbers = False, _first_line(exc)
+                passed, numbers = False, first_line(exc)
             failed += passed is False
             verdict = {True: "PASS", False: "FAIL", None: "INFO"}[passed]
             print(f"{verdict} {name} ({time.perf_counter() - started:.0f} s): {numbers}",
@@ -172,25 +172,21 @@ def trained(machine: Machine, device: str, frozen: bool, processes: int = 1,
     return folder
 
 
-def metric_rows(folder: Path) -> list[dict]:
-    with open(folder / paths.TRAINING_METRICS_CSV) as f:
-        return list(csv.DictReader(f))
-
-
 def metric_gaps(a: Path, b: Path) -> dict[str, float]:
     """The largest difference between two runs' epochs: relative for the losses, in points for
     the val score."""
     gaps = {"train_loss": 0.0, "val_loss": 0.0, "score": 0.0}
-    rows_a, rows_b = metric_rows(a), metric_rows(b)
+    rows_a, rows_b = (read_training_metrics(run / paths.TRAINING_METRICS_CSV) for run in (a, b))
     if len(rows_a) != len(rows_b):
         raise RuntimeError(f"{len(rows_a)} epochs against {len(rows_b)}")
     for row_a, row_b in zip(rows_a, rows_b):
         for column in gaps:
-            if row_a[column] == row_b[column] == "":
+            x, y = row_a[column], row_b[column]
+            if math.isnan(x) and math.isnan(y):  # an empty cell in both (epoch 0's train_loss)
                 continue
-            x, y = float(row_a[column]), float(row_b[column])
             gap = abs(x - y) if column == "score" else abs(x - y) / max(abs(y), 1e-12)
-            gaps[column] = max(gaps[column], gap)
+            # One run's cell empty, the other's not: as far apart as can be.
+            gaps[column] = max(gaps[column], math.inf if math.isnan(gap) else gap)
     return gaps
 
 
@@ -351,11 +347,6 @@ def bare_embed_speed(model, images: list[Path], batch: int) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 CHECKS = [

@@ -228,9 +228,8 @@ class _TrainedParts(nn.Module):
     def __init__(self, model: nn.Module, loss: nn.Module,
                  embed: Callable[[torch.Tensor], torch.Tensor], frozen: bool):
         super().__init__()
-        # The temperature is the CLIP loss's (already among its parameters when that trains it);
-        # other losses switch it off, and DDP leaves parameters without gradients out.
-        self.head, self.loss, self.logit_scale = model.head, loss, model.clip.logit_scale
+        # The temperature trains only under the CLIP loss, among whose parameters it is.
+        self.head, self.loss = model.head, loss
         if not frozen:
             self.visual = model.clip.visual
         self.__dict__["embed"] = embed

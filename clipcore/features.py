@@ -106,20 +106,19 @@ class _Loader(DataLoader):
 
 
 def image_loader(images: Dataset, *, num_workers: int | str, device: torch.device,
-                 batch_size: int | None = None, batch_sampler: Iterable | None = None,
-                 generator: torch.Generator | None = None) -> DataLoader:
+                 batch_size: int | None = None, batch_sampler: Iterable | None = None) -> DataLoader:
     """(images, positions) batches of `images` (an ImageFiles, or training's SeededImages),
     decoded by `num_workers` workers (a count, or "auto": `loader_workers`).
 
-    The loader draws its workers' seeds from `generator`; a private one by default, so reading
-    images never moves the global RNG that dropout and training use.
+    The loader draws its workers' seeds from a private generator, so reading images never moves
+    the global RNG that dropout and training use.
     """
     return _Loader(
         images, batch_size=batch_size if batch_sampler is None else 1,
         batch_sampler=batch_sampler, shuffle=False,
         num_workers=loader_workers(num_workers, device),
         pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
-        generator=generator if generator is not None else torch.Generator().manual_seed(0))
+        generator=torch.Generator().manual_seed(0))
 
 
 def backbone_features(model: FineTunedCLIP, paths: Sequence[Path], *, batch_size: int,

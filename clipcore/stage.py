@@ -29,9 +29,14 @@ def run_stage(main: Callable[[], None]) -> None:
     except Exception as exc:
         # Unexpected (often the echo of another process's failure: a closed connection): its
         # traceback follows as usual, its first line goes to the launcher.
-        lines = str(exc).strip().splitlines()
-        _leave_error_line(f"{type(exc).__name__}: {lines[0] if lines else ''}")
+        _leave_error_line(first_line(exc))
         raise
+
+
+def first_line(exc: BaseException) -> str:
+    """An unexpected error in one line: its type and its message's first line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _leave_error_line(line: str) -> None:
