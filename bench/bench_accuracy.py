@@ -7,12 +7,12 @@ the fine-tuning never sees, and saved as a local weights file; then, as a user d
 weights, `model.pretrained: <that file>` is fine-tuned by the pipeline's own code (prepare ->
 train -> embed -> retrieve). Two domains:
 
-- generated (clipcore/domain.py, competition-shaped): identities of coloured shapes, 5 training
+- generated (clipcore/demo/domain.py, competition-shaped): identities of coloured shapes, 5 training
   images each in two renderings; photo-like queries against render-like gallery images.
   Base: 600 identities x 6 images. Fine-tuning: 240 identities, 15% of them held out for validation
   (data.val_split class). Open set: 300 identities in neither (600 queries); closed set: new
   images of the trained identities (3 queries, 2 gallery each).
-- digits (clipcore/demo.py): base on digits 0-3; fine-tuning on 4-6 (data.val_split image);
+- digits (clipcore/demo/digits.py): base on digits 0-3; fine-tuning on 4-6 (data.val_split image);
   open set 7-9; closed set: the held-out images of 4-6. Few classes: their intervals say so.
 
 A seed draws the split (which identities train, which are tested; the digits' images), the
@@ -58,20 +58,22 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipcore import compare, paths  # noqa: E402
-from clipcore.best import pick  # noqa: E402
-from clipcore.demo import write_demo  # noqa: E402
-from clipcore.domain import (GALLERY_RENDERING, QUERY_RENDERING, RENDERINGS,  # noqa: E402
+from clipcore import paths  # noqa: E402
+
+from clipcore.report.page import compare
+from clipcore.report.best import pick  # noqa: E402
+from clipcore.demo.digits import write_demo  # noqa: E402
+from clipcore.demo.domain import (GALLERY_RENDERING, QUERY_RENDERING, RENDERINGS,  # noqa: E402
                              rendering_of, write_domain)
-from clipcore.embedding import embed_all  # noqa: E402
-from clipcore.manifests import prepare, read_manifest  # noqa: E402
-from clipcore.measures import metrics_for_indices  # noqa: E402
-from clipcore.model import build_model  # noqa: E402
+from clipcore.retrieve.embedding import embed_all  # noqa: E402
+from clipcore.data.manifests import prepare, read_manifest  # noqa: E402
+from clipcore.ranking.measures import metrics_for_indices  # noqa: E402
+from clipcore.model.factory import build_model  # noqa: E402
 from clipcore.params import Params, parse_params, with_overrides  # noqa: E402
-from clipcore.recipes import SEED_RECIPE  # noqa: E402
-from clipcore.retrieval import retrieve_all  # noqa: E402
-from clipcore.search import top_k  # noqa: E402
-from clipcore.training import train  # noqa: E402
+from clipcore.report.recipes import SEED_RECIPE  # noqa: E402
+from clipcore.retrieve.retrieval import retrieve_all  # noqa: E402
+from clipcore.ranking.search import top_k  # noqa: E402
+from clipcore.train.training import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAIN_SEED = 0  # the generated world (identities, their images); bench seeds draw splits
@@ -241,7 +243,7 @@ def digit_roots(out: Path, seed: int, data: dict) -> dict:
 
 
 def mean_ci(values) -> str:
-    """mean +- half-width of the Student-t 95% interval (n) of values (clipcore.compare's)."""
+    """mean +- half-width of the Student-t 95% interval (n) of values (clipcore.report.compare's)."""
     mean, half = compare.mean_ci([float(v) for v in values])
     if half is None:
         return f"{mean:6.1f}          (n={len(values)})"

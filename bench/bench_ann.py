@@ -16,8 +16,8 @@ cosines of the 1st and 10th neighbours, so that a set can be matched to one's ow
 embeddings. --embeddings runs the same comparison on an embed stage file (its query and
 gallery) instead.
 
-Everything is timed as the retrieve stage runs it: clipcore.search.top_k for exact search;
-clipcore.ann.build and clipcore.search.ranked_by_index (FAISS search plus the deterministic
+Everything is timed as the retrieve stage runs it: clipcore.ranking.search.top_k for exact search;
+clipcore.ranking.ann.build and clipcore.ranking.search.ranked_by_index (FAISS search plus the deterministic
 ordering) for the indexes.
 
     nice -n 10 python bench/bench_ann.py                    # the full run (about 50 min, 2 cores)
@@ -36,9 +36,9 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clipcore import ann  # noqa: E402
+from clipcore.ranking import ann  # noqa: E402
 from clipcore.params import HnswParams, IvfParams  # noqa: E402
-from clipcore.search import ranked_by_index, top_k, unit_rows  # noqa: E402
+from clipcore.ranking.search import ranked_by_index, top_k, unit_rows  # noqa: E402
 
 K = 10
 RECALL_GOAL = 0.95

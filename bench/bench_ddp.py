@@ -26,10 +26,10 @@ import torch.multiprocessing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipcore import distributed  # noqa: E402
-from clipcore.loss import TextTargets  # noqa: E402
-from clipcore.losses import ClipObjective  # noqa: E402
-from clipcore.model import build_model  # noqa: E402
+from clipcore.model import distributed  # noqa: E402
+from clipcore.train.losses.clip import TextTargets  # noqa: E402
+from clipcore.train.losses import ClipObjective  # noqa: E402
+from clipcore.model.factory import build_model  # noqa: E402
 from clipcore.params import ModelParams  # noqa: E402
 
 TINY = ModelParams(name="tiny", pretrained="none", embed_dim=512, dropout=0.0)

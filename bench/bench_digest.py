@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from clipcore.files import file_sha256  # noqa: E402
-from clipcore.manifests import _inspect, _problem  # noqa: E402
+from clipcore.data.manifests import _inspect, _problem  # noqa: E402
 
 DISTINCT = 64  # images encoded; the files cycle through them (timing does not depend on it)
 

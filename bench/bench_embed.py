@@ -25,12 +25,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clipcore.checkpoint import load_model, save_model  # noqa: E402
-from clipcore.demo import write_demo  # noqa: E402
-from clipcore.embedding import embed_all  # noqa: E402
-from clipcore.images import load_rgb  # noqa: E402
-from clipcore.manifests import prepare, read_manifest  # noqa: E402
-from clipcore.model import build_model  # noqa: E402
+from clipcore.model.checkpoint import load_model, save_model  # noqa: E402
+from clipcore.demo.digits import write_demo  # noqa: E402
+from clipcore.retrieve.embedding import embed_all  # noqa: E402
+from clipcore.data.images import load_rgb  # noqa: E402
+from clipcore.data.manifests import prepare, read_manifest  # noqa: E402
+from clipcore.model.factory import build_model  # noqa: E402
 from clipcore.params import Params, parse_params  # noqa: E402
 from clipcore import paths  # noqa: E402
 

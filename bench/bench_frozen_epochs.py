@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench_embed import demo_data, smoke_params  # noqa: E402  (same folder)
-from clipcore.training import train  # noqa: E402
+from clipcore.train.training import train  # noqa: E402
 
 
 def main() -> None:

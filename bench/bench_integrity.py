@@ -20,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clipcore.checkpoint import check_archive, load_file, save_atomic  # noqa: E402
+from clipcore.model.checkpoint import check_archive, load_file, save_atomic  # noqa: E402
 
 
 def best_of(runs: int, action) -> float:

@@ -36,14 +36,14 @@ sys.path.insert(0, str(REPO))
 import bench_accuracy as ba  # noqa: E402  (same folder)
 from bench_accuracy import bench_params, pretrain_base  # noqa: E402
 from bench_embed import timed  # noqa: E402
-from clipcore.demo import write_demo  # noqa: E402
-from clipcore.manifests import prepare  # noqa: E402
-from clipcore.embedding import embed_all  # noqa: E402
+from clipcore.demo.digits import write_demo  # noqa: E402
+from clipcore.data.manifests import prepare  # noqa: E402
+from clipcore.retrieve.embedding import embed_all  # noqa: E402
 from clipcore.params import Params  # noqa: E402
-from clipcore.rerank import k_reciprocal_distances  # noqa: E402
-from clipcore.retrieval import retrieve_all  # noqa: E402
-from clipcore.search import top_k  # noqa: E402
-from clipcore.training import train  # noqa: E402
+from clipcore.retrieve.rerank import k_reciprocal_distances  # noqa: E402
+from clipcore.retrieve.retrieval import retrieve_all  # noqa: E402
+from clipcore.ranking.search import top_k  # noqa: E402
+from clipcore.train.training import train  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Exact top-10 search, 1,000 queries over a 100k x 512 gallery (normalised random vectors):
-the retrieve stage's search (clipcore.search.top_k) against numpy, torch and plain FAISS,
+the retrieve stage's search (clipcore.ranking.search.top_k) against numpy, torch and plain FAISS,
 in one run. Prints each method's best time over --repeats rounds, the ratio search/torch
 (goal: at most 1.2) and whether each method's rankings match torch's.
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clipcore.search import top_k  # noqa: E402
+from clipcore.ranking.search import top_k  # noqa: E402
 
 K = 10
 GOAL = 1.2
@@ -48,7 +48,7 @@ def methods(query: np.ndarray, gallery: np.ndarray) -> dict:
         index.add(gallery)
         return index.search(query, K)[1]
 
-    return {"clipcore.search.top_k": lambda: top_k(query, gallery, K, "cosine"),
+    return {"clipcore.ranking.search.top_k": lambda: top_k(query, gallery, K, "cosine"),
             "torch matmul+topk": torch_topk,
             "faiss IndexFlatIP default": faiss_default,
             "numpy argpartition+sort": numpy_argpartition,
@@ -101,7 +101,7 @@ def main() -> None:
     for name, result in results.items():
         print(f"{name:26s} {best[name]:6.3f} s (worst {max(times[name]):6.3f})   "
               f"{agreement(reference, result, query, gallery)}")
-    ratio = best["clipcore.search.top_k"] / best["torch matmul+topk"]
+    ratio = best["clipcore.ranking.search.top_k"] / best["torch matmul+topk"]
     verdict = "met" if ratio <= GOAL else "NOT met"
     print(f"search / torch = {ratio:.2f} (goal <= {GOAL}): {verdict}; "
           f"load average now {os.getloadavg()[0]:.1f}")

@@ -28,8 +28,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clipcore.domain import write_domain  # noqa: E402
-from clipcore.model import build_model  # noqa: E402
+from clipcore.demo.domain import write_domain  # noqa: E402
+from clipcore.model.factory import build_model  # noqa: E402
 from clipcore.params import ModelParams, with_overrides  # noqa: E402
 from gpu_check import bare_train_speed  # noqa: E402
 
@@ -38,9 +38,9 @@ from gpu_check import bare_train_speed  # noqa: E402
 ONE_EPOCH = """
 import json, sys
 from pathlib import Path
-from clipcore.manifests import prepare
+from clipcore.data.manifests import prepare
 from clipcore.params import load_params
-from clipcore.training import train
+from clipcore.train.training import train
 params = load_params("params.yaml")
 root = Path(params.data.root)
 prepare(root, Path("data/prepared"), params.data, params.seed)

@@ -28,14 +28,14 @@ from PIL import Image, ImageDraw, ImageFilter
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from clipcore import paths  # noqa: E402
-from clipcore.best import write_best  # noqa: E402
-from clipcore.measures import metrics_for_indices  # noqa: E402
+from clipcore.report.best import write_best  # noqa: E402
+from clipcore.ranking.measures import metrics_for_indices  # noqa: E402
 from clipcore.params import load_params  # noqa: E402
-from clipcore.pictures import draw_grid, picture_rows  # noqa: E402
-from clipcore.report import committed_params, write_report  # noqa: E402
-from clipcore.retrieval import write_metrics  # noqa: E402
-from clipcore.search import top_k  # noqa: E402
-from clipcore.run_files import METRIC_COLUMNS, write_metrics_csv  # noqa: E402
+from clipcore.retrieve.pictures import draw_grid, picture_rows  # noqa: E402
+from clipcore.report.page import committed_params, write_report  # noqa: E402
+from clipcore.retrieve.retrieval import write_metrics  # noqa: E402
+from clipcore.ranking.search import top_k  # noqa: E402
+from clipcore.train.run_files import METRIC_COLUMNS, write_metrics_csv  # noqa: E402
 
 QUERIES, GALLERY, CLASSES, EPOCHS, DIM, SIDE = 1456, 1481, 500, 10, 64, 256
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

@@ -54,18 +54,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from clipcore import paths  # noqa: E402
-from clipcore.best import read_training_metrics  # noqa: E402
-from clipcore.checkpoint import load_file, save_atomic  # noqa: E402
-from clipcore.demo import write_demo  # noqa: E402
-from clipcore.embedding import embed_all  # noqa: E402
+from clipcore.report.best import read_training_metrics  # noqa: E402
+from clipcore.model.checkpoint import load_file, save_atomic  # noqa: E402
+from clipcore.demo.digits import write_demo  # noqa: E402
+from clipcore.retrieve.embedding import embed_all  # noqa: E402
 from clipcore.errors import ClipcoreError  # noqa: E402
-from clipcore.features import autocast, loader_workers  # noqa: E402
-from clipcore.images import ImageFiles  # noqa: E402
-from clipcore.manifests import prepare  # noqa: E402
-from clipcore.model import build_model  # noqa: E402
+from clipcore.model.features import autocast, loader_workers  # noqa: E402
+from clipcore.data.images import ImageFiles  # noqa: E402
+from clipcore.data.manifests import prepare  # noqa: E402
+from clipcore.model.factory import build_model  # noqa: E402
 from clipcore.params import ModelParams, load_params, parse_params, with_overrides  # noqa: E402
 from clipcore.stage import first_line  # noqa: E402
-from clipcore.training import train  # noqa: E402
+from clipcore.train.training import train  # noqa: E402
 
 TINY = {"model.name": "tiny", "model.pretrained": "none", "model.dropout": 0.0,
         "train.augment": False, "data.root": "demo"}

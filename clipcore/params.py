@@ -6,41 +6,23 @@ with one line naming the key before any image is read or any model is built.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import re
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from clipcore.errors import ClipcoreError
-
-
-class ParamsError(ClipcoreError):
-    """A params.yaml key is unknown, missing, mistyped or out of range."""
-
-
-def _check(*, ge=None, gt=None, le=None, lt=None, choices=None, contains=None, auto=False):
-    """Field metadata: the bounds, choices or required text a value must respect; `auto`: the
-    word "auto" stands for a value chosen at run time."""
-    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "contains": contains,
-            "auto": auto}
-
-
-def _field(**check):
-    return field(metadata=_check(**check))
+from clipcore.params_parsing import ParamsError, build, checked
 
 
 @dataclass(frozen=True)
 class DataParams:
     root: str
-    val_fraction: float = _field(ge=0.0, lt=1.0)
-    val_split: str = _field(choices=("image", "class"))
-    caption_template: str = _field(contains="{name}")
-    numeric_caption_template: str = _field(contains="{name}")
+    val_fraction: float = checked(ge=0.0, lt=1.0)
+    val_split: str = checked(choices=("image", "class"))
+    caption_template: str = checked(contains="{name}")
+    numeric_caption_template: str = checked(contains="{name}")
     # An fnmatch pattern on a val image's file name ("photo_*"): those val images are the queries,
-    # the others the gallery (clipcore.validation). "": every val image queries all the others.
+    # the others the gallery (clipcore.train.validation). "": every val image queries all the others.
     # Last, with a default, so DataParams built in code keep today's protocol.
     val_queries: str = ""
 
@@ -53,44 +35,44 @@ class DataParams:
 
 @dataclass(frozen=True)
 class DemoParams:
-    image_size: int = _field(ge=8, le=1024)
-    test_fraction: float = _field(gt=0.0, lt=1.0)
-    query_fraction: float = _field(gt=0.0, lt=1.0)
+    image_size: int = checked(ge=8, le=1024)
+    test_fraction: float = checked(gt=0.0, lt=1.0)
+    query_fraction: float = checked(gt=0.0, lt=1.0)
 
 
 @dataclass(frozen=True)
 class ModelParams:
     name: str
     pretrained: str
-    embed_dim: int = _field(ge=1)
-    dropout: float = _field(ge=0.0, lt=1.0)
+    embed_dim: int = checked(ge=1)
+    dropout: float = checked(ge=0.0, lt=1.0)
     # residual: identity at start (epoch 0 = zero-shot) | mlp: the seed's Linear -> GELU -> Dropout,
     # random init. Last, with a default, so ModelParams built in code keep the residual head.
-    head: str = field(default="residual", metadata=_check(choices=("residual", "mlp")))
+    head: str = checked(default="residual", choices=("residual", "mlp"))
 
 
 @dataclass(frozen=True)
 class TrainParams:
     freeze_backbone: bool
     standardize_features: bool
-    epochs: int = _field(ge=0)
-    batch_size: int = _field(ge=2)
-    lr: float = _field(gt=0.0)
-    backbone_lr_scale: float = _field(ge=0.0)
-    weight_decay: float = _field(ge=0.0)
-    warmup_fraction: float = _field(ge=0.0, le=1.0)
-    grad_clip_norm: float = _field(gt=0.0)
+    epochs: int = checked(ge=0)
+    batch_size: int = checked(ge=2)
+    lr: float = checked(gt=0.0)
+    backbone_lr_scale: float = checked(ge=0.0)
+    weight_decay: float = checked(ge=0.0)
+    warmup_fraction: float = checked(ge=0.0, le=1.0)
+    grad_clip_norm: float = checked(gt=0.0)
     augment: bool
-    num_workers: int | str = _field(ge=0, auto=True)  # auto: features.loader_workers
+    num_workers: int | str = checked(ge=0, auto=True)  # auto: features.loader_workers
     resume: bool
-    keep_checkpoints: int = _field(ge=0)  # 0: keep every epoch's checkpoint
-    device: str = _field(choices=("auto", "cpu", "cuda"))
-    processes: int = _field(ge=1)  # train and embed on this many processes (torchrun)
-    val_top_k: int = _field(ge=1)
-    sampler: str = _field(choices=("random", "class_balanced"))
-    images_per_class: int = _field(ge=2)  # K of class_balanced P x K batches
-    optimizer: str = _field(choices=("adamw", "adam"))  # adam: weight decay as L2 in the gradient
-    schedule: str = _field(choices=("cosine", "constant"))  # the lr after the warmup
+    keep_checkpoints: int = checked(ge=0)  # 0: keep every epoch's checkpoint
+    device: str = checked(choices=("auto", "cpu", "cuda"))
+    processes: int = checked(ge=1)  # train and embed on this many processes (torchrun)
+    val_top_k: int = checked(ge=1)
+    sampler: str = checked(choices=("random", "class_balanced"))
+    images_per_class: int = checked(ge=2)  # K of class_balanced P x K batches
+    optimizer: str = checked(choices=("adamw", "adam"))  # adam: weight decay as L2 in the gradient
+    schedule: str = checked(choices=("cosine", "constant"))  # the lr after the warmup
     clamp_temperature: bool  # keep the learnable temperature at most 100 (open_clip's clamp)
 
     def __post_init__(self):
@@ -105,7 +87,7 @@ class TrainParams:
 
 
 # loss.name values whose loss compares the batch's images with one another: they need same-class
-# images in each batch (clipcore.losses).
+# images in each batch (clipcore.train.losses).
 PAIR_LOSSES = ("supcon", "triplet", "multi_similarity")
 
 
@@ -117,51 +99,51 @@ class ClipLossParams:
 
 @dataclass(frozen=True)
 class ArcFaceParams:
-    margin: float = _field(gt=0.0, lt=90.0)  # degrees, as pytorch-metric-learning takes it
-    scale: float = _field(gt=0.0)
-    class_lr_scale: float = _field(gt=0.0)  # the class weights' lr = train.lr * this
+    margin: float = checked(gt=0.0, lt=90.0)  # degrees, as pytorch-metric-learning takes it
+    scale: float = checked(gt=0.0)
+    class_lr_scale: float = checked(gt=0.0)  # the class weights' lr = train.lr * this
 
 
 @dataclass(frozen=True)
 class SubCenterArcFaceParams:
-    margin: float = _field(gt=0.0, lt=90.0)  # degrees
-    scale: float = _field(gt=0.0)
-    class_lr_scale: float = _field(gt=0.0)
-    sub_centers: int = _field(ge=1)
+    margin: float = checked(gt=0.0, lt=90.0)  # degrees
+    scale: float = checked(gt=0.0)
+    class_lr_scale: float = checked(gt=0.0)
+    sub_centers: int = checked(ge=1)
 
 
 @dataclass(frozen=True)
 class CosFaceParams:
-    margin: float = _field(gt=0.0, lt=1.0)  # subtracted from the target class's cosine
-    scale: float = _field(gt=0.0)
-    class_lr_scale: float = _field(gt=0.0)
+    margin: float = checked(gt=0.0, lt=1.0)  # subtracted from the target class's cosine
+    scale: float = checked(gt=0.0)
+    class_lr_scale: float = checked(gt=0.0)
 
 
 @dataclass(frozen=True)
 class SupConParams:
-    temperature: float = _field(gt=0.0)
+    temperature: float = checked(gt=0.0)
 
 
 @dataclass(frozen=True)
 class TripletParams:
-    margin: float = _field(gt=0.0)  # Euclidean distance between unit embeddings
-    miner: str = _field(choices=("semihard", "hard", "all"))  # triplets the loss averages over
+    margin: float = checked(gt=0.0)  # Euclidean distance between unit embeddings
+    miner: str = checked(choices=("semihard", "hard", "all"))  # triplets the loss averages over
 
 
 @dataclass(frozen=True)
 class MultiSimilarityParams:
-    alpha: float = _field(gt=0.0)
-    beta: float = _field(gt=0.0)
-    base: float = _field(ge=-1.0, le=1.0)  # a cosine similarity
-    epsilon: float = _field(ge=0.0)  # the miner's margin
+    alpha: float = checked(gt=0.0)
+    beta: float = checked(gt=0.0)
+    base: float = checked(ge=-1.0, le=1.0)  # a cosine similarity
+    epsilon: float = checked(ge=0.0)  # the miner's margin
 
 
 @dataclass(frozen=True)
 class LossParams:
-    name: str = _field(choices=("clip", "arcface", "subcenter_arcface", "cosface", *PAIR_LOSSES))
+    name: str = checked(choices=("clip", "arcface", "subcenter_arcface", "cosface", *PAIR_LOSSES))
     same_class_positives: bool
-    text_targets: str = _field(choices=("frozen", "learnable", "head"))
-    target_init: str = _field(choices=("caption", "class_mean"))
+    text_targets: str = checked(choices=("frozen", "learnable", "head"))
+    target_init: str = checked(choices=("caption", "class_mean"))
     # Each loss's own knobs, read only when loss.name picks it.
     clip: ClipLossParams
     arcface: ArcFaceParams
@@ -180,49 +162,49 @@ class LossParams:
 
 @dataclass(frozen=True)
 class EmbedParams:
-    batch_size: int = _field(ge=1)
-    num_workers: int | str = _field(ge=0, auto=True)  # auto: features.loader_workers
-    wise_ft_alpha: float = _field(ge=0.0, le=1.0)
-    tta: str = _field(choices=("none", "flip"))
+    batch_size: int = checked(ge=1)
+    num_workers: int | str = checked(ge=0, auto=True)  # auto: features.loader_workers
+    wise_ft_alpha: float = checked(ge=0.0, le=1.0)
+    tta: str = checked(choices=("none", "flip"))
 
 
 @dataclass(frozen=True)
 class QueryExpansionParams:
-    k: int = _field(ge=1)
-    alpha: float = _field(ge=0.0)
+    k: int = checked(ge=1)
+    alpha: float = checked(ge=0.0)
 
 
 @dataclass(frozen=True)
 class KReciprocalParams:
-    k1: int = _field(ge=1)
-    k2: int = _field(ge=1)
-    lambda_value: float = _field(ge=0.0, le=1.0)
+    k1: int = checked(ge=1)
+    k2: int = checked(ge=1)
+    lambda_value: float = checked(ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)
 class IvfParams:
-    nlist: int = _field(ge=0)  # 0: chosen from the gallery size
-    nprobe: int = _field(ge=1)
+    nlist: int = checked(ge=0)  # 0: chosen from the gallery size
+    nprobe: int = checked(ge=1)
 
 
 @dataclass(frozen=True)
 class HnswParams:
-    m: int = _field(ge=2)
-    ef_construction: int = _field(ge=1)
-    ef_search: int = _field(ge=1)
+    m: int = checked(ge=2)
+    ef_construction: int = checked(ge=1)
+    ef_search: int = checked(ge=1)
 
 
 @dataclass(frozen=True)
 class RetrieveParams:
-    top_k: int = _field(ge=1)
-    metric: str = _field(choices=("cosine", "euclidean"))
-    index: str = _field(choices=("exact", "ivf", "hnsw"))
+    top_k: int = checked(ge=1)
+    metric: str = checked(choices=("cosine", "euclidean"))
+    index: str = checked(choices=("exact", "ivf", "hnsw"))
     ivf: IvfParams
     hnsw: HnswParams
-    picture_queries: int = _field(ge=0)
-    rerank: str = _field(choices=("none", "aqe", "kreciprocal"))
+    picture_queries: int = checked(ge=0)
+    rerank: str = checked(choices=("none", "aqe", "kreciprocal"))
     qe: QueryExpansionParams
-    dba_k: int = _field(ge=0)  # 0: no database-side augmentation
+    dba_k: int = checked(ge=0)  # 0: no database-side augmentation
     kreciprocal: KReciprocalParams
 
     def __post_init__(self):
@@ -236,20 +218,20 @@ class RetrieveParams:
 class SubmitParams:
     url: str
     groupname: str
-    timeout: float = _field(gt=0.0)
-    retries: int = _field(ge=0)
-    backoff: float = _field(ge=0.0)
+    timeout: float = checked(gt=0.0)
+    retries: int = checked(ge=0)
+    backoff: float = checked(ge=0.0)
     force: bool
 
 
 @dataclass(frozen=True)
 class ReportParams:
-    worst_queries: int = _field(ge=0)  # queries shown with their matches; 0: none
+    worst_queries: int = checked(ge=0)  # queries shown with their matches; 0: none
 
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = _field(ge=0)
+    seed: int = checked(ge=0)
     data: DataParams
     demo: DemoParams
     model: ModelParams
@@ -317,86 +299,4 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def parse_params(raw: object, source: str = "params") -> Params:
-    return _build(Params, raw, prefix="", source=source)
-
-
-def _build(cls, raw, prefix: str, source: str):
-    where = prefix.rstrip(".") or "the top level"
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: {where} must be a mapping of keys, got {_describe(raw)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ParamsError(
-            f"{source}: unknown key '{prefix}{unknown[0]}' (expected one of: {', '.join(fields)})")
-    values = {}
-    for name, f in fields.items():
-        key = prefix + name
-        if name not in raw:
-            raise ParamsError(f"{source}: missing key '{key}'")
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name], prefix=key + ".", source=source)
-        else:
-            values[name] = _convert(raw[name], hint, key, f.metadata, source)
-    try:
-        return cls(**values)
-    except ParamsError as exc:  # a rule between keys (__post_init__): name the file too
-        raise ParamsError(f"{source}: {exc}") from None
-
-
-def _convert(value, hint, key: str, check, source: str):
-    auto = bool(check) and check["auto"]
-    if auto:  # an integer, or "auto"
-        if value == "auto":
-            return value
-        hint = int
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        # PyYAML (YAML 1.1) reads `1e-3` as a string: a float needs a dot there (1.0e-3).
-        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-            value = float(value)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is str:
-        # An empty YAML value (`url:`) reads as None; for strings it means "".
-        value = "" if value is None else value
-        ok = isinstance(value, str)
-    else:  # pragma: no cover - a new field type needs a branch here
-        raise TypeError(f"no conversion for {hint}")
-    if not ok:
-        raise ParamsError(f"{source}: '{key}' must be {_type_name(hint)}"
-                          f"{' or auto' if auto else ''}, got {_describe(value)}")
-    _check_range(value, key, check, source)
-    return value
-
-
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _check_range(value, key: str, check, source: str) -> None:
-    if not check:
-        return
-    if check["choices"] is not None and value not in check["choices"]:
-        raise ParamsError(
-            f"{source}: '{key}' must be one of {', '.join(check['choices'])}, got {value!r}")
-    if check["contains"] is not None and check["contains"] not in value:
-        raise ParamsError(f"{source}: '{key}' must contain {check['contains']}, got {value!r}")
-    bounds = [("ge", ">=", lambda a, b: a >= b), ("gt", ">", lambda a, b: a > b),
-              ("le", "<=", lambda a, b: a <= b), ("lt", "<", lambda a, b: a < b)]
-    for name, symbol, holds in bounds:
-        limit = check[name]
-        if limit is not None and not holds(value, limit):
-            raise ParamsError(f"{source}: '{key}' must be {symbol} {limit}, got {value!r}")
-
-
-def _type_name(hint) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
-
-
-def _describe(value) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
+    return build(Params, raw, prefix="", source=source)

@@ -21,11 +21,11 @@ RESULTS = REPOSITORY / "results"          # retrieval_results_epoch_X.json
 PICTURES = RESULTS / "pictures"           # epoch_X.png
 SUBMISSION_CSV = REPOSITORY / "submission_accuracy.csv"
 SUBMISSION_HISTORY = REPOSITORY / "submission_history.csv"  # every server answer, appended
-BEST = REPOSITORY / "best"                # the val-picked epoch (clipcore/best.py), a DVC artifact
+BEST = REPOSITORY / "best"                # the val-picked epoch (clipcore/report/best.py), a DVC artifact
 BEST_MODEL = BEST / "model.pt"
 BEST_RESULTS = BEST / "retrieval_results.json"
 BEST_SUMMARY = BEST / "summary.json"
-REPORT = REPOSITORY / "report.html"       # one self-contained page per run (clipcore/report.py)
+REPORT = REPOSITORY / "report.html"       # one self-contained page per run (clipcore/report/page.py)
 
 
 def checkpoint_path(epoch: int) -> Path:

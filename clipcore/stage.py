@@ -1,6 +1,6 @@
 """Running a stage script: a ClipcoreError becomes one line on stderr and exit status 1.
 
-A process of a relaunched stage (clipcore.distributed.relaunch) also leaves its error's line in
+A process of a relaunched stage (clipcore.model.distributed.relaunch) also leaves its error's line in
 the relaunch's error folder: the console shows local rank 0 only, and the launcher reports
 every process's line.
 """

@@ -1,7 +1,7 @@
 """Keep the val-picked epoch in repository/best/: its model file, results and a summary."""
 from clipcore import paths
-from clipcore.best import write_best
 from clipcore.params import load_params
+from clipcore.report.best import write_best
 from clipcore.stage import run_stage
 
 

@@ -1,6 +1,6 @@
 """Write the digits demo data root (competition layout) that the pipeline runs on by default."""
 from clipcore import paths
-from clipcore.demo import write_demo
+from clipcore.demo.digits import write_demo
 from clipcore.params import load_params
 from clipcore.stage import run_stage
 

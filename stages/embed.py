@@ -1,9 +1,10 @@
 """Embed the query and gallery images with every epoch's model file."""
 from pathlib import Path
 
-from clipcore import distributed, paths
-from clipcore.embedding import embed_all
+from clipcore import paths
+from clipcore.model import distributed
 from clipcore.params import load_params
+from clipcore.retrieve.embedding import embed_all
 from clipcore.stage import run_stage
 
 

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from clipcore import paths
-from clipcore.manifests import prepare
+from clipcore.data.manifests import prepare
 from clipcore.params import load_params
 from clipcore.stage import run_stage
 

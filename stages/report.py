@@ -3,7 +3,7 @@ from pathlib import Path
 
 from clipcore import paths
 from clipcore.params import load_params
-from clipcore.report import committed_params, write_report
+from clipcore.report.page import committed_params, write_report
 from clipcore.stage import run_stage
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from clipcore import paths
 from clipcore.params import load_params
-from clipcore.retrieval import retrieve_all
+from clipcore.retrieve.retrieval import retrieve_all
 from clipcore.stage import run_stage
 
 

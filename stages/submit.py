@@ -2,7 +2,7 @@
 from clipcore import paths
 from clipcore.params import load_params
 from clipcore.stage import run_stage
-from clipcore.submission import submit_all
+from clipcore.submit.submission import submit_all
 
 
 def main() -> None:

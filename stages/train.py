@@ -2,10 +2,11 @@
 import math
 from pathlib import Path
 
-from clipcore import distributed, paths
+from clipcore import paths
+from clipcore.model import distributed
 from clipcore.params import load_params
 from clipcore.stage import run_stage
-from clipcore.training import train
+from clipcore.train.training import train
 
 
 def main() -> None:

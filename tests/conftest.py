@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clipcore.demo import write_demo
-from clipcore.manifests import prepare
-from clipcore.model import FineTunedCLIP
+from clipcore.data.manifests import prepare
+from clipcore.demo.digits import write_demo
+from clipcore.model.factory import FineTunedCLIP
 from clipcore.params import Params, parse_params, with_overrides
 
 REPO = Path(__file__).parents[1]

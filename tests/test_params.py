@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import yaml
+from conftest import REPO, default_params_dict, with_overrides
 
 from clipcore.params import ParamsError, load_params, parse_params
-from conftest import REPO, default_params_dict, with_overrides
 
 
 def key_paths(raw: dict, prefix: str = "") -> set[str]:

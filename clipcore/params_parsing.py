@@ -1,0 +1,109 @@
+"""Building frozen dataclasses from plain YAML data: each value's type and range checked, and
+every problem one ParamsError line naming the key and the file. The schema is clipcore.params."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import field
+
+from clipcore.errors import ClipcoreError
+
+
+class ParamsError(ClipcoreError):
+    """A params.yaml key is unknown, missing, mistyped or out of range."""
+
+
+def _metadata(*, ge=None, gt=None, le=None, lt=None, choices=None, contains=None, auto=False):
+    """Field metadata: the bounds, choices or required text a value must respect; `auto`: the
+    word "auto" stands for a value chosen at run time."""
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "contains": contains,
+            "auto": auto}
+
+
+def checked(default=dataclasses.MISSING, **check):
+    """A dataclass field whose value `build` checks against these bounds or choices."""
+    return field(default=default, metadata=_metadata(**check))
+
+
+def build(cls, raw, prefix: str, source: str):
+    """An instance of dataclass `cls` from `raw`, nested dataclasses built in turn."""
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: {where} must be a mapping of keys, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' (expected one of: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in raw:
+            raise ParamsError(f"{source}: missing key '{key}'")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = build(hint, raw[name], prefix=key + ".", source=source)
+        else:
+            values[name] = _convert(raw[name], hint, key, f.metadata, source)
+    try:
+        return cls(**values)
+    except ParamsError as exc:  # a rule between keys (__post_init__): name the file too
+        raise ParamsError(f"{source}: {exc}") from None
+
+
+def _convert(value, hint, key: str, check, source: str):
+    auto = bool(check) and check["auto"]
+    if auto:  # an integer, or "auto"
+        if value == "auto":
+            return value
+        hint = int
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        # PyYAML (YAML 1.1) reads `1e-3` as a string: a float needs a dot there (1.0e-3).
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        # An empty YAML value (`url:`) reads as None; for strings it means "".
+        value = "" if value is None else value
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a new field type needs a branch here
+        raise TypeError(f"no conversion for {hint}")
+    if not ok:
+        raise ParamsError(f"{source}: '{key}' must be {_type_name(hint)}"
+                          f"{' or auto' if auto else ''}, got {_describe(value)}")
+    _check_range(value, key, check, source)
+    return value
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _check_range(value, key: str, check, source: str) -> None:
+    if not check:
+        return
+    if check["choices"] is not None and value not in check["choices"]:
+        raise ParamsError(
+            f"{source}: '{key}' must be one of {', '.join(check['choices'])}, got {value!r}")
+    if check["contains"] is not None and check["contains"] not in value:
+        raise ParamsError(f"{source}: '{key}' must contain {check['contains']}, got {value!r}")
+    bounds = [("ge", ">=", lambda a, b: a >= b), ("gt", ">", lambda a, b: a > b),
+              ("le", "<=", lambda a, b: a <= b), ("lt", "<", lambda a, b: a < b)]
+    for name, symbol, holds in bounds:
+        limit = check[name]
+        if limit is not None and not holds(value, limit):
+            raise ParamsError(f"{source}: '{key}' must be {symbol} {limit}, got {value!r}")
+
+
+def _type_name(hint) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def _describe(value) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"

@@ -1,0 +1,143 @@
+"""`python -m clipcore.report.compare` on real experiment output: a sweep of 2 configurations x 2 seeds
+of the tiny model queued with `dvc exp run --queue` in a temporary git repo and run with
+`dvc exp run --run-all`; the numbers it prints are checked against each experiment's own files
+in its git commit."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+from scipy import stats
+from test_workflow import SMOKE, dvc, git, new_project, run
+
+from clipcore.report.compare import exp_show, mean_ci
+
+# One epoch, the smallest demo images, no pictures: the stages up to retrieve are what compare reads.
+SWEEP = {**SMOKE, "train.epochs": 1, "demo.image_size": 8, "retrieve.picture_queries": 0}
+HEADS = ("mlp", "residual")  # configurations whose epoch 0 differs too
+
+pytestmark = pytest.mark.timeout(900)  # real dvc runs: minutes on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = new_project(tmp_path_factory.mktemp("sweep"), SWEEP)
+    dvc(root, "exp", "run", "retrieve", "--queue", "-S", "seed=1,2", "-S",
+        f"model.head={','.join(HEADS)}")
+    dvc(root, "exp", "run", "--run-all")
+    return root
+
+
+def expected_rows(root) -> dict[str, list[dict]]:
+    """Per head kind, each experiment's val score and test score at its val-picked epoch, read from the
+    files its commit holds (not from dvc exp show)."""
+    by_head: dict[str, list[dict]] = {}
+    for rev in git(root, "for-each-ref", "--format=%(objectname)", "refs/exps").split():
+        params = yaml.safe_load(git(root, "show", f"{rev}:params.yaml"))
+        rows = list(csv.DictReader(io.StringIO(
+            git(root, "show", f"{rev}:repository/metrics/training_metrics.csv"))))
+        best = max(rows, key=lambda row: (float(row["score"]), -int(row["epoch"])))
+        test = json.loads(git(root, "show", f"{rev}:repository/metrics/retrieval.json"))
+        by_head.setdefault(params["model"]["head"], []).append(
+            {"seed": params["seed"], "epoch": int(best["epoch"]), "val": float(best["score"]),
+             "test": test["epochs"][best["epoch"]]["score"]})
+    return by_head
+
+
+def tables(lines: list[str]) -> list[dict[str, list[str]]]:
+    """The printed tables (blocks between blank lines), each as {row label: cells}."""
+    blocks = "\n".join(lines).split("\n\n")
+    return [{cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip())
+                                               for line in block.splitlines())}
+            for block in blocks[1:-1]]
+
+
+def interval(values: list[float]) -> str:
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return f"{statistics.fmean(values):.1f} ± {half:.1f}"
+
+
+def test_compare_prints_each_configurations_mean_and_t_interval(sweep):
+    out = run(sweep, sys.executable, "-m", "clipcore.report.compare")
+    expected = expected_rows(sweep)
+    assert sorted(expected) == sorted(HEADS) and all(len(v) == 2 for v in expected.values())
+    assert "4 experiments, 2 configuration(s) differing in model.head:" in out
+    lines = out.splitlines()
+    names = {}
+    for head in HEADS:
+        line = next(line for line in lines if line.endswith(f"model.head={head}"))
+        assert "(n=2; seeds 1, 2):" in line
+        names[head] = line.split()[0]
+    table = tables(lines)[0]
+    columns = table["mean ± 95% CI"]
+    for head in HEADS:
+        column = columns.index(names[head])
+        for label, key in (("val score", "val"), ("test score", "test")):
+            assert table[label][column] == interval([row[key] for row in expected[head]])
+        epochs = [row["epoch"] for row in expected[head]]
+        assert table["val-picked epoch"][column].startswith(f"{statistics.fmean(epochs):.1f} ± ")
+
+
+def test_the_other_configuration_is_compared_with_a_seed_by_seed(sweep):
+    """What a user deciding between two recipes needs: the difference on the same seeds (the
+    same split and init), with its interval, from each experiment's own files."""
+    out = run(sweep, sys.executable, "-m", "clipcore.report.compare")
+    expected = expected_rows(sweep)
+    lines = out.splitlines()
+    names = {head: next(line for line in lines if line.endswith(f"model.head={head}")).split()[0]
+             for head in HEADS}
+    reference = next(head for head in HEADS if names[head] == "A")
+    other = next(head for head in HEADS if head != reference)
+    assert names[other] == "B"
+    table = tables(lines)[1]
+    assert table["minus A, by seed"] == ["B"]
+    for label, key in (("val score", "val"), ("test score", "test")):
+        by_seed = {head: {row["seed"]: row[key] for row in expected[head]} for head in HEADS}
+        differences = [by_seed[other][seed] - by_seed[reference][seed] for seed in (1, 2)]
+        half = (stats.t.ppf(0.975, 1) * statistics.stdev(differences)
+                / math.sqrt(len(differences)))
+        assert table[label] == [f"{statistics.fmean(differences):+.1f} ± {half:.1f} (n=2)"]
+
+
+def test_one_seed_gives_no_interval_and_unfinished_runs_are_named(sweep, tmp_path):
+    dvc(sweep, "exp", "run", "--queue", "-S", "seed=3", "--name", "still-queued")
+    show = exp_show(sweep)
+    baseline = next(entry for entry in show if entry.get("experiments"))
+    mlp = [e for e in baseline["experiments"] if e["name"] != "still-queued"
+           and e["revs"][0]["data"]["params"]["params.yaml"]["data"]["model"]["head"] == "mlp"]
+    baseline["experiments"].remove(mlp[0])  # that configuration keeps one seed
+    saved = tmp_path / "exps.json"
+    saved.write_text(json.dumps(show))
+    out = run(sweep, sys.executable, "-m", "clipcore.report.compare", "--show-json", str(saved))
+    assert "3 experiments" in out
+    assert re.search(r"\(n=1; seeds \d\): model\.head=mlp\n", out)
+    assert "(n=1)" in out and "n=1: no interval" in out
+    assert "still-queued: queued, left out" in out
+
+
+def test_mean_ci_is_the_student_t_interval():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert mean_ci([5.0]) == (5.0, None)
+
+
+def test_outside_a_dvc_project_or_with_a_bad_file_it_stops_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "clipcore.report.compare", "--repo", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: dvc exp show --json failed in {tmp_path}: ")
+    assert len(done.stderr.strip().splitlines()) == 1
+    (tmp_path / "exps.json").write_text("not json")
+    done = subprocess.run([sys.executable, "-m", "clipcore.report.compare", "--show-json",
+                           str(tmp_path / "exps.json")], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: {tmp_path / 'exps.json'}: cannot read dvc exp show")
