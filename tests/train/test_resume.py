@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import default_params_dict, flip_bit, with_overrides
-from tests.test_training import Interrupt, run, stop_after
+from tests.train.test_training import Interrupt, run, stop_after
 
 from clipcore import paths
 from clipcore.errors import ClipcoreError

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.test_prepare import make_root, run
+from tests.data.test_manifests import make_root, run
 
 from clipcore.data.manifests import read_manifest
 from clipcore.train.validation import validation_metrics
