@@ -74,6 +74,12 @@ class TrainParams:
     optimizer: str = checked(choices=("adamw", "adam"))  # adam: weight decay as L2 in the gradient
     schedule: str = checked(choices=("cosine", "constant"))  # the lr after the warmup
     clamp_temperature: bool  # keep the learnable temperature at most 100 (open_clip's clamp)
+    # Fine-tuning levers (clipcore.train.unfreezing, clipcore.train.ema); off by default.
+    # With freeze_backbone false: how many of the image tower's last blocks train ("all": every
+    # block, the stem too); freeze_backbone true trains the head alone whatever this says.
+    unlocked_blocks: int | str = checked(default="all", ge=0, auto="all")
+    layer_decay: float = checked(default=1.0, gt=0.0, le=1.0)  # block lr x decay^(blocks from the top)
+    ema: float = checked(default=0.0, ge=0.0, lt=1.0)  # EMA decay of the trained weights; 0: off
 
     def __post_init__(self):
         if self.batch_size < self.processes:  # each process takes a share of every batch

@@ -16,7 +16,7 @@ class ParamsError(ClipcoreError):
 
 def _metadata(*, ge=None, gt=None, le=None, lt=None, choices=None, contains=None, auto=False):
     """Field metadata: the bounds, choices or required text a value must respect; `auto`: the
-    word "auto" stands for a value chosen at run time."""
+    word "auto" (or the word given, e.g. "all") stands for a value chosen at run time."""
     return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "contains": contains,
             "auto": auto}
 
@@ -55,8 +55,9 @@ def build(cls, raw, prefix: str, source: str):
 
 def _convert(value, hint, key: str, check, source: str):
     auto = bool(check) and check["auto"]
-    if auto:  # an integer, or "auto"
-        if value == "auto":
+    word = auto if isinstance(auto, str) else "auto"
+    if auto:  # an integer, or the word ("auto", "all")
+        if value == word:
             return value
         hint = int
     if hint is bool:
@@ -77,7 +78,7 @@ def _convert(value, hint, key: str, check, source: str):
         raise TypeError(f"no conversion for {hint}")
     if not ok:
         raise ParamsError(f"{source}: '{key}' must be {_type_name(hint)}"
-                          f"{' or auto' if auto else ''}, got {_describe(value)}")
+                          f"{f' or {word}' if auto else ''}, got {_describe(value)}")
     _check_range(value, key, check, source)
     return value
 

@@ -11,11 +11,12 @@ the stored features, so epoch 2 onwards costs a small fraction of epoch 1.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ from clipcore.model import distributed
 from clipcore.model.factory import build_model
 from clipcore.model.features import autocast, image_loader
 from clipcore.params import Params, TrainParams
+from clipcore.train import unfreezing
+from clipcore.train.ema import WeightAverage
 from clipcore.train.evaluation import evaluate
 from clipcore.train.losses import create_loss
 from clipcore.train.resume import (
@@ -68,9 +71,10 @@ def train(params: Params, data_root: Path, prepared: Path = paths.PREPARED,
     with files.live(history) as log:
         for epoch in range(len(history), params.train.epochs + 1):
             history.append(trainer.train_epoch(epoch))
-            files.write_epoch(trainer.model, epoch, backbone_trained=not trainer.frozen,
-                              checkpoint=lambda: trainer.checkpoint(epoch, history),
-                              history=history)
+            with trainer.averaged():  # train.ema: model files and checkpoints hold the average
+                files.write_epoch(trainer.model, epoch, backbone_trained=not trainer.frozen,
+                                  checkpoint=lambda: trainer.checkpoint(epoch, history),
+                                  history=history)
             log(history[-1])
             if on_epoch_end is not None:
                 on_epoch_end(epoch, history[-1])
@@ -93,8 +97,8 @@ class Trainer:
         self.query_masks = query_masks(self.val_split.paths, self.train_split.paths,
                                        params.data.val_queries)
         self.model = build_model(params.model, self.device)
-        self.frozen = params.train.freeze_backbone
-        self.model.set_backbone_trainable(not self.frozen)
+        self.frozen = unfreezing.backbone_frozen(params.train)
+        unfreezing.unlock(self.model, params.train)  # train.unlocked_blocks
         # What the loss trains (the CLIP loss's temperature and text targets, a classifier
         # loss's class weights) are its parameters.
         self.loss = create_loss(params, self.model, captions).to(self.device)
@@ -105,6 +109,7 @@ class Trainer:
         # Every process draws the same global batches (each epoch's plan) and takes its share.
         self.batches = make_batches(self.train_split.labels.tolist(), params.train, self.generator)
         self.optimizer = make_optimizer(self.model, self.loss, params.train)
+        self.ema = WeightAverage(self.model, params.train.ema) if params.train.ema else None
         self.scheduler = lr_schedule(
             self.optimizer, total_steps=len(self.batches) * params.train.epochs,
             warmup_fraction=params.train.warmup_fraction, schedule=params.train.schedule)
@@ -171,6 +176,8 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
                 self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update()
                 if not self.frozen:
                     self.features.backbone_changed()
                 if train.clamp_temperature:
@@ -184,7 +191,8 @@ class Trainer:
                     # The mean loss of this process's images so far (all images: one process).
                     bar.set_postfix(loss=f"{total_loss.item() / mine:.4f}", refresh=False)
         images_per_s = seen / (time.perf_counter() - started)
-        row = self.evaluate(epoch, started)
+        with self.averaged():
+            row = self.evaluate(epoch, started)
         row.update(train_loss=self.world.sum(total_loss) / seen, lr=lr,
                    images_per_s=images_per_s)
         return row
@@ -201,6 +209,23 @@ class Trainer:
             self.query_masks))
         row["seconds"] = time.perf_counter() - started
         return row
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """With train.ema the model holds the averaged weights inside (else as it is)."""
+        if self.ema is None:
+            yield
+            return
+        with self.ema.applied():
+            self._backbone_swapped()
+            try:
+                yield
+            finally:
+                self._backbone_swapped()
+
+    def _backbone_swapped(self) -> None:
+        if not self.frozen:  # stored backbone features are of the other weights
+            self.features.backbone_changed()
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The model tensors training changes (never the frozen base weights)."""
@@ -220,12 +245,15 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(self.generator), "history": history,
             "epochs": self.params.train.epochs,
+            **({"ema": self.ema.state()} if self.ema is not None else {}),
         }
 
     def restore(self, checkpoint: dict) -> None:
         """Continue where the checkpoint's run stopped. Its state replaces what `start` would
         compute (the head's statistics, the class targets): no pass over the images for it."""
         self.model.load_state_dict(checkpoint["state"], strict=False)
+        if self.ema is not None:  # "state" is the average; the raw weights go on training
+            self.ema.restore(checkpoint["ema"])
         self.features.backbone_changed()
         self.loss.load_state_dict(checkpoint["loss"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -244,23 +272,16 @@ def make_optimizer(model, loss: nn.Module, train: TrainParams) -> torch.optim.Op
     so decay would only shrink their norm and make Adam's steps turn them ever faster."""
     classifier = loss.class_lr_scale is not None
     head = [*model.head.parameters(), *([] if classifier else loss.parameters())]
-    groups = _decay_groups(head, train.lr, train.weight_decay)
+    groups = unfreezing.decay_groups(head, train.lr, train.weight_decay)
     if classifier:
         groups.append({"params": list(loss.parameters()), "lr": train.lr * loss.class_lr_scale,
                        "weight_decay": 0.0})
     if model.backbone_trainable:
-        groups += _decay_groups(model.clip.visual.parameters(),
-                                train.lr * train.backbone_lr_scale, train.weight_decay)
+        # train.unlocked_blocks: the trainable blocks; train.layer_decay: per-block lrs.
+        groups += unfreezing.backbone_groups(model.clip.visual,
+                                             train.lr * train.backbone_lr_scale, train)
     optimizer = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[train.optimizer]
     return optimizer([g for g in groups if g["params"]], betas=ADAM_BETAS, eps=ADAM_EPS)
-
-
-def _decay_groups(parameters, lr: float, weight_decay: float) -> list[dict]:
-    trainable = [p for p in parameters if p.requires_grad]
-    matrices = [p for p in trainable if p.ndim >= 2]
-    others = [p for p in trainable if p.ndim < 2]
-    return [{"params": matrices, "lr": lr, "weight_decay": weight_decay},
-            {"params": others, "lr": lr, "weight_decay": 0.0}]
 
 
 def lr_schedule(optimizer, total_steps: int, warmup_fraction: float, schedule: str):
