@@ -139,12 +139,7 @@ def backbone_features(model: FineTunedCLIP, paths: Sequence[Path], *, batch_size
         with torch.inference_mode(), tqdm(total=len(paths), desc=desc, unit="img") as bar:
             for images, _ in loader:
                 images = images.to(device, non_blocking=True)
-                with autocast(device):
-                    features = model.backbone_features(images)
-                    if tta == "flip":  # the mirror of the network's input: one decode, two views
-                        features = torch.stack(
-                            [features, model.backbone_features(images.flip(-1))], dim=1)
-                    chunks.append(features)
+                chunks.append(batch_features(model, images, tta))
                 bar.update(len(images))
     except UnreadableImage as exc:  # prepare checked every file: one changed since
         # From a worker, the message carries the worker's traceback: keep its last line.
@@ -156,3 +151,12 @@ def backbone_features(model: FineTunedCLIP, paths: Sequence[Path], *, batch_size
         return torch.zeros(0, model.head.feature_dim, device=device)
     # Outside inference mode: the result is an ordinary tensor that autograd may save.
     return torch.cat(chunks).float()
+
+
+def batch_features(model: FineTunedCLIP, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """backbone_features of one batch of transformed images already on the model's device."""
+    with autocast(images.device):
+        features = model.backbone_features(images)
+        if tta == "flip":  # the mirror of the network's input: one decode, two views
+            features = torch.stack([features, model.backbone_features(images.flip(-1))], dim=1)
+    return features
