@@ -6,13 +6,19 @@ programs can `faiss.read_index` it) and manifest.json, written last: the model f
 and the embed and retrieve params. A query embedded by any other model file is refused: its
 vectors would live in another space and rank nonsense without an error.
 
+A build embeds in chunks of CHUNK images, each saved under partial/ as it is done: a rerun after
+an interruption (Ctrl-C, a lost machine) embeds only the chunks that are missing, as long as the
+model file, its embed settings and the folder's image names are the same.
+
 Searching runs retrieve's own ranking (clipcore.retrieve.rerank.ranked over
 clipcore.ranking.search.top_k), so the same model, params and images give retrieve's results.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +38,8 @@ from clipcore.retrieve.rerank import ranked
 
 FORMAT = "clipcore-gallery-index/1"
 EMBEDDINGS, NAMES, INDEX, MANIFEST = "embeddings.npy", "names.json", "index.faiss", "manifest.json"
+PARTIAL = "partial"
+CHUNK = 2048  # images per saved chunk: a lost build costs at most this many again
 
 
 @dataclass
@@ -90,7 +98,8 @@ def build_index(trained: TrainedModel, images: Path, out: Path) -> GalleryIndex:
     if not files:
         raise ClipcoreError(f"{images}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     names = [f.relative_to(images).as_posix() for f in files]
-    embeddings = trained.embed_files(files, desc=f"index {images}")
+    out = Path(out)
+    embeddings = _embed_in_chunks(trained, files, names, out / PARTIAL)
     metric = faiss.METRIC_INNER_PRODUCT if trained.retrieve.metric == "cosine" else faiss.METRIC_L2
     rows = unit_rows(embeddings) if trained.retrieve.metric == "cosine" else embeddings
     spec = index_spec(trained.retrieve)
@@ -104,14 +113,35 @@ def build_index(trained: TrainedModel, images: Path, out: Path) -> GalleryIndex:
         "images": str(images.resolve()), "count": len(names), "dimension": int(rows.shape[1]),
         "embed": dataclasses.asdict(trained.embed),
         "retrieve": dataclasses.asdict(trained.retrieve)}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # until the new one: no index that mixes two builds
     write_atomic(out / EMBEDDINGS, lambda f: np.save(f, embeddings))
     write_text_atomic(out / NAMES, json.dumps(names, ensure_ascii=False) + "\n")
     write_atomic(out / INDEX, lambda f: f.write(faiss.serialize_index(built).tobytes()))
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out / PARTIAL)
     return load_index(out)
+
+
+def _embed_in_chunks(trained: TrainedModel, files: list[Path], names: list[str],
+                     partial: Path) -> np.ndarray:
+    """The files' embeddings, reusing the chunks a previous build of the same inputs saved."""
+    build = hashlib.sha256(json.dumps([trained.sha256, dataclasses.asdict(trained.embed), names],
+                                      ensure_ascii=False).encode()).hexdigest()[:16]
+    if partial.is_dir() and not (partial / build).is_dir():
+        shutil.rmtree(partial)  # chunks of another build: never mixed into this one
+    (partial / build).mkdir(parents=True, exist_ok=True)
+    starts = range(0, len(files), CHUNK)
+    chunks = []
+    for number, start in enumerate(starts, 1):
+        saved = partial / build / f"{start:09d}.npy"
+        expected = min(CHUNK, len(files) - start)
+        rows = np.load(saved) if saved.is_file() else None
+        if rows is None or len(rows) != expected:
+            rows = trained.embed_files(files[start:start + CHUNK],
+                                       desc=f"index chunk {number}/{len(starts)}")
+            write_atomic(saved, lambda f: np.save(f, rows))
+        chunks.append(rows)
+    return np.concatenate(chunks)
 
 
 def load_index(folder: Path) -> GalleryIndex:

@@ -6,8 +6,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from clipcore import paths
 from clipcore.data.manifests import read_manifest
 from clipcore.errors import ClipcoreError
 from clipcore.files import file_sha256
+from clipcore.inference import gallery_index
 from clipcore.inference.gallery_index import build_index, load_index
 from clipcore.inference.loading import load_trained
 from clipcore.inference.onnx_export import export_onnx, onnx_embeddings
@@ -28,6 +33,7 @@ from clipcore.retrieve.embedding import embed_all
 from clipcore.retrieve.retrieval import retrieve_all
 from clipcore.train.training import train
 
+REPO = Path(__file__).resolve().parents[2]
 TINY = {"model.name": "tiny", "model.pretrained": "none", "train.num_workers": 0,
         "train.lr": 1e-2, "train.epochs": 1, "embed.num_workers": 0}
 
@@ -56,6 +62,21 @@ def test_queries_give_retrieves_results(run):
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
 
 
+def test_the_commands_index_and_query_give_retrieves_results(run, tmp_path):
+    folder, _, index, queries = run
+    def command(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                              cwd=folder, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+    command("clipcore.index", "--model", "repository/best", "--images", str(index.images),
+            "--out", str(tmp_path / "index"), "--device", "cpu")
+    results = json.loads(command("clipcore.query", "--index", str(tmp_path / "index"),
+                                 "--json", str(queries[0].parent)))
+    assert results == json.loads((folder / paths.BEST_RESULTS).read_text())
+
+
 def test_an_index_refuses_another_model(run, tmp_path):
     folder, trained, index, _ = run
     other = tmp_path / "model.pt"
@@ -64,6 +85,28 @@ def test_an_index_refuses_another_model(run, tmp_path):
     (tmp_path / "summary.json").write_bytes((folder / paths.BEST_SUMMARY).read_bytes())
     with pytest.raises(ClipcoreError, match="another model"):
         index.check_model(load_trained(other, "cpu"))
+
+
+def test_an_interrupted_index_build_resumes_where_it_stopped(run, tmp_path, monkeypatch):
+    _, trained, index, _ = run
+    monkeypatch.setattr(gallery_index, "CHUNK", 100)  # 269 images: 3 chunks
+    original, calls = trained.embed_files, []
+
+    def lost_at_the_third_chunk(files, desc="embed"):
+        calls.append(len(files))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(files, desc)
+
+    monkeypatch.setattr(trained, "embed_files", lost_at_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(trained, index.images, tmp_path / "index")
+    with pytest.raises(ClipcoreError, match="not a gallery index"):
+        load_index(tmp_path / "index")  # no manifest: nothing half-built is searched
+    resumed = build_index(trained, index.images, tmp_path / "index")
+    assert calls == [100, 100, 69, 69]  # the rerun embedded the one missing chunk
+    np.testing.assert_allclose(resumed.embeddings, index.embeddings, atol=1e-6)
+    assert resumed.names == index.names and not (tmp_path / "index" / "partial").exists()
 
 
 @pytest.fixture(scope="module")
