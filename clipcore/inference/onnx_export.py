@@ -4,12 +4,14 @@ normalisation included. Input `pixels`: float32 (batch, 3, size, size) RGB in [0
 resized and centre-cropped as the JSON written beside the .onnx file says; output `embedding`:
 (batch, embed_dim) unit vectors. The batch dimension is dynamic.
 
+onnx and onnxruntime are an extra install (requirements-export.txt): nothing else needs them.
 torch's TorchScript exporter (dynamo=False): the dynamo one needs onnxscript, not a dependency
 here. nn.MultiheadAttention's fused inference kernel has no ONNX form, so it is switched off
 while exporting (the plain path computes the same attention).
 """
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +28,15 @@ from clipcore.inference.loading import TrainedModel
 from clipcore.model.factory import FineTunedCLIP
 
 OPSET = 18
+EXTRA = "requirements-export.txt"
+
+
+def _require(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ClipcoreError(f"ONNX export needs {module}, not installed: "
+                            f"pip install -r {EXTRA}") from None
 
 
 class ImageEncoder(nn.Module):
@@ -54,6 +65,7 @@ def pixel_transform(model: FineTunedCLIP) -> transforms.Compose:
 
 def export_onnx(trained: TrainedModel, out: Path) -> dict:
     """Write `out` (.onnx) and `out`.json (the preprocessing and where the model came from)."""
+    _require("onnx")  # torch's exporter writes the graph with it
     model = trained.model.float().cpu().eval()
     encoder = ImageEncoder(model, trained.embed.tta).eval()
     size = _crop_size(model)
@@ -84,8 +96,7 @@ def export_onnx(trained: TrainedModel, out: Path) -> dict:
 def onnx_embeddings(onnx_file: Path, model: FineTunedCLIP, images: Sequence[Path],
                     batch_size: int = 32) -> np.ndarray:
     """Embeddings of image files through the exported graph with onnxruntime."""
-    import onnxruntime  # only here: the rest of clipcore runs without it
-
+    onnxruntime = _require("onnxruntime")
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     transform = pixel_transform(model)
     chunks = []

@@ -173,3 +173,12 @@ def test_onnx_embeds_as_torch(run, tmp_path):
     np.testing.assert_allclose(scores[rows, theirs_top], scores[rows, ours_top], atol=1e-6)
     assert (theirs_top == ours_top).all(axis=1).mean() >= 0.95
 
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+def test_export_without_its_extra_install_says_what_to_install(run, tmp_path, monkeypatch, missing):
+    _, trained, _, queries = run
+    monkeypatch.setitem(sys.modules, missing, None)  # `import` then fails as when not installed
+    with pytest.raises(ClipcoreError, match=f"needs {missing}.*requirements-export.txt"):
+        export_onnx(trained, tmp_path / "model.onnx")
+        onnx_embeddings(tmp_path / "model.onnx", trained.model, queries[:2])
