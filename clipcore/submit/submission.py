@@ -124,6 +124,8 @@ def submit_all(submit: SubmitParams, results: Path, prepared: Path, csv_path: Pa
     if not files:
         raise ClipcoreError(f"{results}: no {RESULTS_PATTERN} files (run `dvc repro retrieve`)")
     source, groupname, scorer = _scorer(submit, prepared, environ)
+    if source != LOCAL:
+        print(f"submission history: {history_path}", flush=True)
     run = _Run(source, scorer, History(history_path, source, groupname), submit.force,
                csv_path, metrics_path)
     for path in files:
