@@ -15,9 +15,9 @@ from __future__ import annotations
 import re
 import threading
 import time
-from email.utils import parsedate_to_datetime
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as Deadline
+from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin
 
 import requests

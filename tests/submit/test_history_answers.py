@@ -20,7 +20,12 @@ import pytest
 from conftest import REPO, write_params
 
 from clipcore.errors import ClipcoreError
-from clipcore.submit.history import UNANSWERED, read_history
+from clipcore.submit.history import (
+    HISTORY_VARIABLE,
+    UNANSWERED,
+    history_path,
+    read_history,
+)
 from clipcore.submit.submission import REUSED, submit_all
 from tests.submit.test_submission import (
     REVERSED_RANKING,
@@ -237,3 +242,11 @@ def submit_again_with_legacy(tmp_path: Path, url: str, legacy: Path):
     return submit_all(params(url), tmp_path / "results", tmp_path / "prepared",
                       tmp_path / "submission_accuracy.csv", tmp_path / "submission.json",
                       tmp_path / "submission_history.csv", environ={}, legacy_history=legacy)
+
+
+def test_the_history_is_the_users_and_its_path_must_be_absolute(tmp_path):
+    assert history_path({"XDG_DATA_HOME": str(tmp_path)}) == \
+        tmp_path / "clipcore" / "submission_history.csv"
+    assert history_path({HISTORY_VARIABLE: str(tmp_path / "h.csv")}) == tmp_path / "h.csv"
+    with pytest.raises(ClipcoreError, match="CLIPCORE_SUBMIT_HISTORY='h.csv': give an absolute"):
+        history_path({HISTORY_VARIABLE: "h.csv"})
