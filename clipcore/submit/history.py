@@ -104,7 +104,7 @@ class History:
                 key = server_key(self.source)
                 self._earlier = [entry for entry in read_history(self.path)
                                  if server_key(entry["source"]) == key
-                                 and is_group(entry["group_sha256"], self.groupname)]
+                                 and is_group(entry.get("group_sha256", ""), self.groupname)]
                 yield self
             finally:
                 self._held = False
