@@ -15,6 +15,8 @@ from clipcore import paths
 from clipcore.crop.cropping import crop_all
 from clipcore.crop.faces import crop_face, largest_faces, load_detector
 from clipcore.data.manifests import prepare
+from clipcore.report.crops import crop_section
+from clipcore.report.page import Thumbnails
 
 pytest.importorskip("skimage")
 pytest.importorskip("facenet_pytorch")
@@ -56,6 +58,12 @@ def test_faceless_photos_are_kept_whole_and_listed(tmp_path, params_factory, det
         with Image.open(root / path) as original, Image.open(tmp_path / "cropped" / path) as crop:
             assert crop.width < original.width / 2
     assert "train 4/8" in report.summary()
+    # The report's section: counts per split, the crops and the images kept whole as pictures.
+    section = crop_section(tmp_path / "cropped" / paths.CROP_REPORT.name, tmp_path / "cropped",
+                           Thumbnails)
+    assert "<tr><td>train</td><td>4</td><td>4</td></tr>" in section
+    assert section.count("<img") == 8 + 4 and section.count("data:image/") == 12
+    assert crop_section(tmp_path / "absent.csv", tmp_path, Thumbnails) == ""
 
 
 def test_crops_are_the_same_bytes_every_run(tmp_path, params_factory, detector):
