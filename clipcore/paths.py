@@ -22,7 +22,9 @@ EMBEDDINGS = REPOSITORY / "embeddings"    # epoch_X.npz: query, gallery, query_n
 RESULTS = REPOSITORY / "results"          # retrieval_results_epoch_X.json
 PICTURES = RESULTS / "pictures"           # epoch_X.png
 SUBMISSION_CSV = REPOSITORY / "submission_accuracy.csv"
-SUBMISSION_HISTORY = REPOSITORY / "submission_history.csv"  # every server answer, appended
+# Where versions before issue 28 kept the submission history, in git: merged into the user's
+# history (clipcore.submit.history.history_path) when present.
+LEGACY_SUBMISSION_HISTORY = REPOSITORY / "submission_history.csv"
 BEST = REPOSITORY / "best"                # the val-picked epoch (clipcore/report/best.py), a DVC artifact
 BEST_MODEL = BEST / "model.pt"
 BEST_RESULTS = BEST / "retrieval_results.json"

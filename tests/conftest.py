@@ -39,6 +39,15 @@ def no_proxy_for_loopback(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
 
+@pytest.fixture(autouse=True)
+def own_submission_history(monkeypatch, tmp_path_factory):
+    """Each test's submit runs (the stage's subprocesses too) keep their history in a folder of
+    their own, never the user's ~/.local/share one, which a rerun of the suite would then see."""
+    data_home = tmp_path_factory.mktemp("data_home")
+    monkeypatch.delenv("CLIPCORE_SUBMIT_HISTORY", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(data_home))
+
+
 @pytest.fixture
 def ctrl_c_raises():
     """Ctrl-C raises KeyboardInterrupt in this test, as at a terminal, even when pytest was

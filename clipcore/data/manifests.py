@@ -62,7 +62,7 @@ def prepare(root: Path, out: Path, data: DataParams, seed: int) -> PrepareReport
         if not folder.is_dir():
             raise ClipcoreError(f"{folder}: folder not found (expected the competition layout "
                                 f"train/<class>/, test/query/, test/gallery/ under data.root)")
-    candidates = {split: _files(folder) for split, folder in folders.items()}
+    candidates = {split: folder_files(folder) for split, folder in folders.items()}
     readable, skipped, digests = _check_images(candidates, folders["train"], root)
     labels = _test_labels(root, candidates, readable)
     _check_test_images(skipped, root, labels)
@@ -142,7 +142,7 @@ def _is_junk(path: Path, top: Path) -> bool:
                for part in path.relative_to(top).parts)
 
 
-def _files(folder: Path) -> list[Path]:
+def folder_files(folder: Path) -> list[Path]:
     """Every non-junk file below a folder, sorted; a name that is not UTF-8 stops here."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not _is_junk(p, folder))
     for path in files:

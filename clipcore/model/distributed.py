@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import inspect
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,18 @@ from clipcore.params import TrainParams
 from clipcore.stage import ERROR_FOLDER
 
 T = TypeVar("T")
+
+# torch < 2.13 (the GPU machine's 2.11) names these differently: feature-detect, never pin newer.
+_GATHER_WITH_GRADIENTS = getattr(collectives, "all_gather_single_autograd", None) \
+    or collectives.all_gather_tensor_autograd
+
+
+def buffers_never_synced(ddp_init: Callable = DistributedDataParallel.__init__) -> dict:
+    """DDP's keyword that turns off re-broadcasting buffers each forward, as this torch spells it
+    (`forward_sync_buffers` from 2.13, `broadcast_buffers` before)."""
+    keyword = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp_init)
+               .parameters else "broadcast_buffers")
+    return {keyword: False}
 
 
 def relaunch(train: TrainParams, module: str) -> bool:
@@ -144,7 +157,7 @@ class World:
             return local
         most = max(sizes)  # all-gather needs one shape: pad, gather, cut the padding out
         padded = torch.cat([local, local.new_zeros(most - len(local), *local.shape[1:])])
-        gathered = collectives.all_gather_single_autograd(padded.contiguous(), 0, dist.group.WORLD)
+        gathered = _GATHER_WITH_GRADIENTS(padded.contiguous(), 0, dist.group.WORLD)
         return torch.cat([gathered[p * most:p * most + n] for p, n in enumerate(sizes)])
 
     def gather_batch(self, embeddings: torch.Tensor, labels: torch.Tensor, batch_size: int
@@ -174,7 +187,7 @@ class World:
         parts = _TrainedParts(model, loss, embed, frozen)
         return DistributedDataParallel(
             parts, device_ids=[self.device] if self.device.type == "cuda" else None,
-            forward_sync_buffers=False)  # the buffers (feature statistics) never change
+            **buffers_never_synced())  # the buffers (feature statistics) never change
 
     def backward(self, loss: torch.Tensor) -> None:
         """Gradients of this process's share of the batch loss. DDP averages them over the

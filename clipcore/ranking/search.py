@@ -33,13 +33,15 @@ def index_spec(params: RetrieveParams) -> IvfParams | HnswParams | None:
 
 
 def top_k(query: np.ndarray, gallery: np.ndarray, k: int, metric: str = "cosine",
-          exclude_self: bool = False, index: IvfParams | HnswParams | None = None) -> np.ndarray:
+          exclude_self: bool = False,
+          index: IvfParams | HnswParams | faiss.Index | None = None) -> np.ndarray:
     """Indices (Q, k) int64 of the k nearest gallery rows for each query row, best first.
 
     exclude_self: the queries are the gallery's first rows (often the whole gallery); query row i
         never retrieves gallery row i.
     index: None searches exactly; IvfParams or HnswParams build that FAISS index on the
-    gallery and search it.
+    gallery and search it; a built faiss.Index (of this gallery, unit rows for cosine: a saved
+    gallery index) is searched as it is.
     """
     query, gallery = _checked(query, "query"), _checked(gallery, "gallery")
     if metric not in METRICS:
@@ -68,7 +70,8 @@ def top_k(query: np.ndarray, gallery: np.ndarray, k: int, metric: str = "cosine"
     if index is None:
         indices = _ranked(search, query, width, len(gallery))
     else:
-        indices = ranked_by_index(ann.build(gallery, faiss_metric, index), query, width, metric)
+        built = index if isinstance(index, faiss.Index) else ann.build(gallery, faiss_metric, index)
+        indices = ranked_by_index(built, query, width, metric)
         # IVF: the lists visited may hold fewer than `width` vectors; search those rows exactly.
         short = (indices < 0).any(axis=1)
         if short.any():

@@ -34,6 +34,20 @@ class EmbedReport:
     images: dict[str, int]   # images per split
 
 
+def embedding_model(model_file: Path, alpha: float, device: torch.device,
+                    untouched: dict[str, FineTunedCLIP] | None = None) -> tuple[FineTunedCLIP, bool]:
+    """A model file's model as embed.wise_ft_alpha wants it, and whether its backbone trained;
+    `untouched` keeps each base's epoch-0 model for the next file on the same base."""
+    model, backbone_trained = load_model_file(model_file, device)
+    if alpha != 1.0:
+        untouched = {} if untouched is None else untouched
+        base = json.dumps(model.base, sort_keys=True)
+        if base not in untouched:
+            untouched[base] = build_model(load_model_params(model_file), device)
+        mix_weights(model, untouched[base], alpha, backbone_trained)
+    return model, backbone_trained
+
+
 def embed_all(params: Params, data_root: Path, prepared: Path = paths.PREPARED) -> EmbedReport:
     """Write `embeddings/epoch_X.npz` for every `all_weights/model_epoch_X.pt`."""
     model_files = paths.epoch_files(paths.ALL_WEIGHTS, "model_epoch_*.pt")
@@ -53,12 +67,8 @@ def embed_all(params: Params, data_root: Path, prepared: Path = paths.PREPARED) 
     alpha = params.embed.wise_ft_alpha
     written, passes = [], 0
     for model_file in model_files:
-        model, backbone_trained = load_model_file(model_file, device)
+        model, backbone_trained = embedding_model(model_file, alpha, device, untouched)
         base = json.dumps(model.base, sort_keys=True)
-        if alpha != 1.0:
-            if base not in untouched:
-                untouched[base] = build_model(load_model_params(model_file), device)
-            mix_weights(model, untouched[base], alpha, backbone_trained)
         if backbone_trained or base not in shared:
             # Query and gallery in one pass: one loader start, decoding overlaps throughout.
             features = backbone_features(

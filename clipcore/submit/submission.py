@@ -1,14 +1,15 @@
 """Submitting every epoch's retrieval results: to the competition server, or scored locally.
 
 With `submit.url` set, each distinct ranking is POSTed once as `{"groupname": ..., "images":
-ranking}` (clipcore.submit.posting) and what the server answered goes into the history
-(clipcore.submit.history). Epochs that rank alike (WiSE-FT at alpha 0 ranks every epoch as epoch 0)
-share that one post; a ranking this server already scored for the group in an earlier run, or
-whose request may have reached it unanswered, is not sent again unless `submit.force` is set (a
-real server may count every post). An answer that comes after the timeout is still recorded:
-the stage waits one more `submit.timeout` for it at the end. With no url, the ranking is scored
-here with the known test labels by the same rules as `clipcore.submit.scorer`, so the number is the
-one a server with those labels would give.
+ranking}` (clipcore.submit.posting) and what the server answered goes into the user's history
+(clipcore.submit.history), shared by every run and experiment. Epochs that rank alike (WiSE-FT at
+alpha 0 ranks every epoch as epoch 0) share that one post; a ranking this server already scored
+for the group is never posted again (its answer is used), and one whose request may have reached
+it unanswered is not sent again unless `submit.force` is set (a real server may count every
+post). An answer that comes after the timeout is still recorded: the stage waits one more
+`submit.timeout` for it at the end. With no url, the ranking is scored here with the known test
+labels by the same rules as `clipcore.submit.scorer`, so the number is the one a server with
+those labels would give; the history is not touched.
 
 The CSV and metrics describe the current results files and are rewritten (atomically) after
 every epoch; the epochs that failed are named at the end.
@@ -36,8 +37,10 @@ from clipcore.paths import epoch_files, epoch_of
 from clipcore.submit.history import (
     ANSWERED,
     ANSWERED_LATE,
-    UNANSWERED,
+    SENDING,
     History,
+    csv_line,
+    merge_legacy,
     ranking_digest,
 )
 from clipcore.submit.posting import (
@@ -57,7 +60,7 @@ from clipcore.submit.scorer import (
 GROUPNAME_VARIABLE = "CLIPCORE_GROUPNAME"
 LOCAL = "local"
 CSV_COLUMNS = ["epoch", "accuracy", "source", "status", "submitted_at", "attempts"]
-REUSED = "ok (earlier answer, not posted again; submit.force posts it)"
+REUSED = "ok (earlier answer, not posted again)"
 RESULTS_PATTERN = "retrieval_results_epoch_*.json"
 
 Scorer = Callable[[dict], tuple[float, int]]  # ranking -> (accuracy, attempts)
@@ -102,10 +105,18 @@ def local_labels(prepared: Path) -> GroundTruth | None:
 
 def submit_all(submit: SubmitParams, results: Path, prepared: Path, csv_path: Path,
                metrics_path: Path, history_path: Path,
-               environ: Mapping[str, str] = os.environ) -> list[Outcome]:
+               environ: Mapping[str, str] = os.environ,
+               legacy_history: Path | None = None) -> list[Outcome]:
     """Submit or score every epoch's results file in epoch order, appending each server answer
     to the history and writing the CSV and metrics after each epoch; ClipcoreError at the end
-    naming the epochs that failed."""
+    naming the epochs that failed. A `legacy_history` (where older versions kept it, in the
+    repository) is merged into the history first."""
+    if legacy_history and Path(legacy_history).is_file():
+        merged = merge_legacy(legacy_history, history_path)
+        print(f"note: the submission history is now {history_path}, outside git and every "
+              f"experiment; {merged} new rows merged from {legacy_history}, which is no longer "
+              f"written and holds group names in plain text: `git rm {legacy_history}`",
+              flush=True)
     try:
         files = epoch_files(results, RESULTS_PATTERN)
     except ValueError as exc:  # a stray file such as retrieval_results_epoch_best.json
@@ -113,7 +124,9 @@ def submit_all(submit: SubmitParams, results: Path, prepared: Path, csv_path: Pa
     if not files:
         raise ClipcoreError(f"{results}: no {RESULTS_PATTERN} files (run `dvc repro retrieve`)")
     source, groupname, scorer = _scorer(submit, prepared, environ)
-    run = _Run(source, scorer, History(history_path, source, groupname, submit.force),
+    if source != LOCAL:
+        print(f"submission history: {history_path}", flush=True)
+    run = _Run(source, scorer, History(history_path, source, groupname), submit.force,
                csv_path, metrics_path)
     for path in files:
         run.add(path)
@@ -131,7 +144,7 @@ def _scorer(submit: SubmitParams, prepared: Path,
     """(source, group name, scorer) for the params: the server at submit.url, or the local test
     labels."""
     if submit.url:
-        if not submit.url.startswith(("http://", "https://")):
+        if not submit.url.lower().startswith(("http://", "https://")):
             raise ClipcoreError(f"params: 'submit.url' must start with http:// or https://, "
                                 f"got {submit.url!r}")
         groupname = group_name(submit.groupname, environ)
@@ -151,9 +164,9 @@ def _scorer(submit: SubmitParams, prepared: Path,
 class _Run:
     """One run's outcomes, epoch by epoch: each ranking asked once, the requests still out."""
 
-    def __init__(self, source: str, scorer: Scorer | None, history: History, csv_path: Path,
-                 metrics_path: Path):
-        self.source, self.scorer, self.history = source, scorer, history
+    def __init__(self, source: str, scorer: Scorer | None, history: History, force: bool,
+                 csv_path: Path, metrics_path: Path):
+        self.source, self.scorer, self.history, self.force = source, scorer, history, force
         self.csv_path, self.metrics_path = csv_path, metrics_path
         self.outcomes: list[Outcome] = []
         self.asked: dict[str, Outcome] = {}    # the server's outcome of each ranking, by digest
@@ -176,45 +189,65 @@ class _Run:
             return Outcome(epoch, None, str(exc), 0, failed=True, submitted_at=_now())
         digest = ranking_digest(ranking)
         if self.source == LOCAL:
-            return self._ask(path, epoch, ranking, digest)
+            return self._score_here(path, epoch, ranking, digest)
         if digest in self.asked:
             return _same_as(self.asked[digest], epoch)
-        self.asked[digest] = self._ask(path, epoch, ranking, digest)
+        with self.history.turn():  # other runs wait: one posts, the others use its answer
+            self.asked[digest] = self._ask(epoch, ranking, digest)
         return self.asked[digest]
 
-    def _ask(self, path: Path, epoch: int, ranking: dict, digest: str) -> Outcome:
-        """The history's answer to this ranking, else the scorer's, recorded in the history."""
+    def _score_here(self, path: Path, epoch: int, ranking: dict, digest: str) -> Outcome:
+        if self.scorer is None:
+            return Outcome(epoch, None, "not scored: test labels unknown", 0, False, _now(),
+                           digest)
+        try:
+            accuracy, _ = self.scorer(ranking)
+        except InvalidSubmission as exc:  # what the scorer would answer with a 400
+            return Outcome(epoch, None, f"local scoring refused {path}: {exc}", 0, True, _now(),
+                           digest)
+        return Outcome(epoch, accuracy, ANSWERED, 0, False, _now(), digest)
+
+    def _ask(self, epoch: int, ranking: dict, digest: str) -> Outcome:
+        """The history's answer to this ranking, else the server's, recorded in the history:
+        a row before the request (the news that the server may have it, whatever happens
+        next), one with what came back after it."""
         earlier = self.history.answer(digest)
         if earlier:
             return Outcome(epoch, earlier["accuracy"], REUSED, earlier["attempts"], False,
                            earlier["submitted_at"], digest)
-        sent = self.history.unanswered(digest)
+        sent = None if self.force else self.history.unanswered(digest)
         if sent:
             return Outcome(epoch, None, f"not sent again: the request of {sent['submitted_at']} "
                            f"(epoch {sent['epoch']}) got no answer and may have reached the "
                            f"server ({FORCE_HINT})", 0, True, _now(), digest)
         now = _now()
-        if self.scorer is None:
-            return Outcome(epoch, None, "not scored: test labels unknown", 0, False, now, digest)
+        try:
+            self.history.record(self.history.row(dataclasses.asdict(
+                Outcome(epoch, None, SENDING, 0, True, now, digest))))
+        except ClipcoreError as exc:
+            return Outcome(epoch, None, f"not sent: {exc}", 0, True, now, digest)
         try:
             accuracy, attempts = self.scorer(ranking)
         except SubmitFailed as exc:
             outcome = Outcome(epoch, None, str(exc), exc.attempts, True, now, digest)
             if isinstance(exc, Unanswered) and exc.request:
                 self.pending[digest] = exc.request
-        except InvalidSubmission as exc:  # what the scorer would answer with a 400
-            return Outcome(epoch, None, f"local scoring refused {path}: {exc}", 0, True, now,
-                           digest)
-        except KeyboardInterrupt:  # the request may be out: a rerun must not send it unasked
-            if self.source != LOCAL:
-                self.history.record(dataclasses.asdict(Outcome(
-                    epoch, None, f"{UNANSWERED} from {self.source}: interrupted while waiting",
-                    1, True, now, digest)))
-            raise
         else:
             outcome = Outcome(epoch, accuracy, ANSWERED, attempts, False, now, digest)
-        if outcome.attempts:  # a server was asked
-            self.history.record(dataclasses.asdict(outcome))
+        return self._keep(outcome)
+
+    def _keep(self, outcome: Outcome) -> Outcome:
+        """Record what the server said; when the history can't take it (a full disk), print
+        the row to add and fail the epoch: the server's word is never lost unsaid."""
+        row = self.history.row(dataclasses.asdict(outcome))
+        try:
+            self.history.record(row)
+        except ClipcoreError as exc:
+            print(f"epoch {outcome.epoch}: {_summary(outcome, self.source)}; {exc}: add this "
+                  f"line to {self.history.path} when it can be written, or the next run won't "
+                  f"know the answer:\n{csv_line(row)}", end="", flush=True)
+            return dataclasses.replace(outcome, failed=True, status=f"{outcome.status}, but "
+                                       f"not in the history (the line to add is in the output)")
         return outcome
 
     def collect_late_answers(self, wait: float) -> None:
@@ -240,7 +273,7 @@ class _Run:
                                        status=ANSWERED_LATE, failed=False)
         except SubmitFailed as exc:
             late = dataclasses.replace(first, status=f"late answer: {exc}")
-        self.history.record(dataclasses.asdict(late))
+        late = self._keep(late)
         self.asked[digest] = late
         self.outcomes = [late if o.epoch == first.epoch else
                          _same_as(late, o.epoch) if o.ranking_sha256 == digest else o

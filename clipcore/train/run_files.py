@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from dvclive import Live
 
 from clipcore import paths
 from clipcore.errors import ClipcoreError
@@ -67,9 +66,9 @@ class RunFiles:
     @contextlib.contextmanager
     def live(self, history: list[dict]) -> Iterator[Callable[[dict], None]]:
         """dvclive's per-epoch log (rank 0): yields log(row). A fresh Live clears its folder
-        (which DVC keeps: persist) and replays the rows so far."""
-        with (Live(str(paths.TRAIN_LIVE), dvcyaml=False, save_dvc_exp=False)
-              if self.writes else contextlib.nullcontext()) as live:
+        (which DVC keeps: persist) and replays the rows so far. Without dvclive installed (a
+        stage run outside DVC, e.g. on a machine that only trains) only that log is missing."""
+        with (_live() if self.writes else contextlib.nullcontext()) as live:
             for row in history:
                 _log(live, row)
             yield lambda row: _log(live, row)
@@ -84,7 +83,17 @@ def write_metrics_csv(history: list[dict], path: Path) -> None:
     write_text_atomic(path, table.getvalue())
 
 
-def _log(live: Live | None, row: dict) -> None:
+def _live():
+    try:
+        from dvclive import Live
+    except ImportError:
+        print(f"note: dvclive is not installed: no per-epoch DVC metrics in {paths.TRAIN_LIVE} "
+              f"(training_metrics.csv has them)", file=sys.stderr)
+        return contextlib.nullcontext()
+    return Live(str(paths.TRAIN_LIVE), dvcyaml=False, save_dvc_exp=False)
+
+
+def _log(live, row: dict) -> None:
     if live is None:  # not rank 0
         return
     for name in METRIC_COLUMNS[1:]:

@@ -252,7 +252,10 @@ def make_optimizer(model, loss: nn.Module, train: TrainParams) -> torch.optim.Op
         groups += _decay_groups(model.clip.visual.parameters(),
                                 train.lr * train.backbone_lr_scale, train.weight_decay)
     optimizer = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[train.optimizer]
-    return optimizer([g for g in groups if g["params"]], betas=ADAM_BETAS, eps=ADAM_EPS)
+    groups = [g for g in groups if g["params"]]
+    # On CUDA one fused kernel per step instead of one per tensor; the CPU keeps today's path.
+    fused = {"fused": True} if groups[0]["params"][0].is_cuda else {}
+    return optimizer(groups, betas=ADAM_BETAS, eps=ADAM_EPS, **fused)
 
 
 def _decay_groups(parameters, lr: float, weight_decay: float) -> list[dict]:

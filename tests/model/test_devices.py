@@ -52,9 +52,9 @@ def test_cuda_without_cuda_stops_before_torchrun_starts(tmp_path):
     ("cpu", 2, 1, 0),    # a worker would take a core the model runs on
     ("cpu", 16, 1, 4),
     ("cpu", 16, 8, 0),
-    ("cuda", 2, 1, 2),
-    ("cuda", 64, 1, 8),
-    ("cuda", 16, 4, 4),  # the node's cores shared by its processes
+    ("cuda", 2, 1, 1),   # one core left to the main process that feeds the GPU
+    ("cuda", 16, 1, 15),
+    ("cuda", 16, 4, 3),  # the node's cores shared by its processes
 ])
 def test_auto_workers_follow_the_cores_per_process_and_the_device(
         monkeypatch, device, cores, processes, workers):

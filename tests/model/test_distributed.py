@@ -28,6 +28,7 @@ from conftest import default_params_dict, with_overrides, write_params
 from clipcore import paths
 from clipcore.errors import ClipcoreError
 from clipcore.model import distributed
+from clipcore.model.distributed import buffers_never_synced
 from clipcore.model.checkpoint import load_file
 from clipcore.model.factory import build_model
 from clipcore.params import PAIR_LOSSES, Params, load_params, parse_params
@@ -303,3 +304,15 @@ def test_odd_process_counts_are_refused_with_the_keys_named(params_factory):
     assert "'train.batch_size' (2)" in str(error.value)
     assert "'train.processes' (3)" in str(error.value)
     assert params_factory({"train.processes": 3, "train.batch_size": 3}).train.processes == 3
+
+
+def test_ddp_buffer_keyword_is_the_one_this_torch_takes():
+    # This torch (2.14) spells it forward_sync_buffers; the GPU machine's 2.11 only knows
+    # broadcast_buffers (its DistributedDataParallel.__init__ signature, abridged).
+    def torch_2_11_init(self, module, device_ids=None, output_device=None, dim=0,
+                        broadcast_buffers=True, init_sync=True, process_group=None,
+                        bucket_cap_mb=None, find_unused_parameters=False):
+        pass
+
+    assert buffers_never_synced() == {"forward_sync_buffers": False}
+    assert buffers_never_synced(torch_2_11_init) == {"broadcast_buffers": False}

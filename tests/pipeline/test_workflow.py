@@ -143,10 +143,9 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
         digest(project / f"repository/all_weights/model_epoch_{best}.pt")
     assert f'<b id="best-epoch">{best}</b>' in (project / "repository/report.html").read_text()
 
-    # Scored locally: the submission history (every server answer) holds its header only.
-    history = (project / "repository/submission_history.csv").read_text().splitlines()
-    assert history == ["submitted_at,epoch,accuracy,source,groupname,status,attempts,"
-                       "ranking_sha256"]
+    # Scored locally: no server asked, no submission history (it is the user's, outside the
+    # repository: docs/submission.md).
+    assert not (project / "repository/submission_history.csv").exists()
 
     # 2. Nothing changed: nothing runs.
     assert stages_run(dvc(project, "repro")) == []
