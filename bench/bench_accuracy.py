@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipcore import paths  # noqa: E402
 
-from clipcore.report.page import compare
+from clipcore.report import compare  # noqa: E402
 from clipcore.report.best import pick  # noqa: E402
 from clipcore.demo.digits import write_demo  # noqa: E402
 from clipcore.demo.domain import (GALLERY_RENDERING, QUERY_RENDERING, RENDERINGS,  # noqa: E402

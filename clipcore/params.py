@@ -25,6 +25,10 @@ class DataParams:
     # the others the gallery (clipcore.train.validation). "": every val image queries all the others.
     # Last, with a default, so DataParams built in code keep today's protocol.
     val_queries: str = ""
+    # face: the crop stage crops each image to its largest face (clipcore.crop) and the stages
+    # that read pixels read the crops; none: they read data.root. Defaults keep today's data.
+    crop: str = checked(default="none", choices=("none", "face"))
+    crop_margin: float = checked(default=0.2, ge=0.0, le=2.0)  # share of the face's size added on each side
 
     def __post_init__(self):
         # Matched against base names, which never hold a slash: such a pattern matches nothing.

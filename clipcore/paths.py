@@ -7,6 +7,8 @@ from pathlib import Path
 DEMO_ROOT = Path("data/demo")
 DEMO_LABELS = "test_labels.csv"          # inside a data root: split,file,label of test images
 PREPARED = Path("data/prepared")         # train.csv, val.csv, query.csv, gallery.csv, skipped.csv
+CROPPED = Path("data/cropped")           # data.crop face: each manifest image's face crop, same relative path
+CROP_REPORT = CROPPED / "crop_report.csv"  # split,path,face,score,box,angle of every image (face 0: kept whole)
 REPOSITORY = Path("repository")
 METRICS = REPOSITORY / "metrics"
 TRAINING_METRICS_CSV = METRICS / "training_metrics.csv"
@@ -28,6 +30,12 @@ BEST_MODEL = BEST / "model.pt"
 BEST_RESULTS = BEST / "retrieval_results.json"
 BEST_SUMMARY = BEST / "summary.json"
 REPORT = REPOSITORY / "report.html"       # one self-contained page per run (clipcore/report/page.py)
+
+
+def image_root(crop: str, root: str | Path) -> Path:
+    """Where the stages that read pixels (train, embed, report) find the manifests' images: the
+    crop stage's face crops (data.crop face) or data.root itself; both hold the manifest paths."""
+    return CROPPED if crop == "face" else Path(root)
 
 
 def checkpoint_path(epoch: int) -> Path:

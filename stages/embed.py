@@ -1,6 +1,4 @@
 """Embed the query and gallery images with every epoch's model file."""
-from pathlib import Path
-
 from clipcore import paths
 from clipcore.model import distributed
 from clipcore.params import load_params
@@ -12,7 +10,8 @@ def main() -> None:
     params = load_params()
     if distributed.relaunch(params.train, "stages.embed"):
         return  # the processes torchrun started did the work
-    report = embed_all(params, Path(params.data.root), paths.PREPARED)
+    images = paths.image_root(params.data.crop, params.data.root)  # data.crop face: the crops
+    report = embed_all(params, images, paths.PREPARED)
     print(f"embedded {report.images['query']} queries and {report.images['gallery']} gallery "
           f"images with {len(report.files)} model files ({report.backbone_passes} backbone "
           f"passes) into {paths.EMBEDDINGS}")

@@ -1,6 +1,5 @@
 """Fine-tune the model on the prepared manifests: model files, checkpoints and metrics per epoch."""
 import math
-from pathlib import Path
 
 from clipcore import paths
 from clipcore.model import distributed
@@ -13,7 +12,8 @@ def main() -> None:
     params = load_params()
     if distributed.relaunch(params.train, "stages.train"):
         return  # the processes torchrun started did the work
-    history = train(params, Path(params.data.root), paths.PREPARED)
+    images = paths.image_root(params.data.crop, params.data.root)  # data.crop face: the crops
+    history = train(params, images, paths.PREPARED)
     first, last = history[0], history[-1]
     mode = "frozen backbone" if params.train.freeze_backbone else "backbone trained"
     if math.isnan(last["score"]):

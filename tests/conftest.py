@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from clipcore.data.manifests import prepare
 from clipcore.demo.digits import write_demo
@@ -109,3 +110,25 @@ def images_through_the_tower():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FineTunedCLIP, "backbone_features", counting)
         yield seen
+
+
+FACES = ("astronaut", "camera")      # scikit-image's photos with a face (requirements-face.txt)
+FACELESS = ("coffee", "chelsea")     # and without: a cup, a cat
+
+
+def photo(name: str) -> Image.Image:
+    from skimage import data  # an optional install: only the crop tests call this
+    return Image.fromarray(getattr(data, name)()).convert("RGB")
+
+
+def write_face_root(root: Path) -> Path:
+    """A competition-layout root of real photos: each a class with two training images (one
+    turned 5 degrees), a query and a gallery image (turned the other way)."""
+    for name in FACES + FACELESS:
+        image = photo(name)
+        for folder, picture in ((f"train/{name}", image), (f"train/{name}", image.rotate(5)),
+                                ("test/query", image), ("test/gallery", image.rotate(-5))):
+            target = Path(root) / folder
+            target.mkdir(parents=True, exist_ok=True)
+            picture.save(target / f"{name}_{folder.split('/')[1][0]}{len(list(target.iterdir()))}.png")
+    return Path(root)

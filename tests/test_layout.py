@@ -12,6 +12,7 @@ FOUNDATIONS = {"errors", "files", "params", "params_parsing", "paths", "stage"}
 MAY_IMPORT = {
     "data": set(),
     "demo": set(),
+    "crop": {"data"},
     "ranking": set(),
     "model": {"data"},
     "train": {"data", "ranking", "model"},

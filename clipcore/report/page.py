@@ -35,6 +35,7 @@ from clipcore.report.best import (
     read_training_metrics,
 )
 from clipcore.report.charts import by_epoch_charts, escape, fmt, metrics_table
+from clipcore.report.crops import crop_section
 from clipcore.retrieve.pictures import MAX_MATCHES, QUERY_FRAME, RIGHT, WRONG
 
 THUMB = 64                # pixels: thumbnails are downscaled, 1-2 kB each
@@ -86,6 +87,7 @@ def write_report(report: ReportParams, data_root: Path, prepared: Path = paths.P
         metrics_table(rows, test, best),
         _mistakes(ranking, *labels, report.worst_queries, thumbnails),
         _picture(best),
+        *filter(None, [crop_section(paths.CROP_REPORT, paths.CROPPED, Thumbnails)]),
         _params_section(summary["params"], committed),
         _data_section(summary),
     ]

@@ -26,7 +26,7 @@ from clipcore.model.checkpoint import load_model
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = {"model.name": "tiny", "model.pretrained": "none", "train.epochs": 2,
          "train.num_workers": 0, "embed.num_workers": 0}
-PIPELINE = ["demo", "prepare", "train", "embed", "retrieve", "submit", "best", "report"]
+PIPELINE = ["demo", "prepare", "crop", "train", "embed", "retrieve", "submit", "best", "report"]
 
 pytestmark = pytest.mark.timeout(900)  # real dvc runs: several minutes on a busy 2-core machine
 
