@@ -84,8 +84,12 @@ class TrainParams:
     unlocked_blocks: int | str = checked(default="all", ge=0, auto="all")
     layer_decay: float = checked(default=1.0, gt=0.0, le=1.0)  # block lr x decay^(blocks from the top)
     ema: float = checked(default=0.0, ge=0.0, lt=1.0)  # EMA decay of the trained weights; 0: off
+    frozen_epochs: int = checked(default=0, ge=0)  # LP-FT: head-only epochs before the blocks unlock
 
     def __post_init__(self):
+        if self.frozen_epochs and not self.freeze_backbone and self.frozen_epochs >= self.epochs:
+            raise ParamsError(f"'train.frozen_epochs' ({self.frozen_epochs}) must be below "
+                              f"'train.epochs' ({self.epochs}): the blocks would never unlock")
         if self.batch_size < self.processes:  # each process takes a share of every batch
             raise ParamsError(f"'train.batch_size' ({self.batch_size}) must be at least "
                               f"'train.processes' ({self.processes}): each process takes a "

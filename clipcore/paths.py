@@ -12,6 +12,7 @@ CROP_REPORT = CROPPED / "crop_report.csv"  # split,path,face,score,box,angle of 
 REPOSITORY = Path("repository")
 METRICS = REPOSITORY / "metrics"
 TRAINING_METRICS_CSV = METRICS / "training_metrics.csv"
+VAL_QUERY_SCORES = METRICS / "val_query_scores.json"  # each epoch's points per val query
 TRAIN_LIVE = METRICS / "train"           # dvclive: metrics.json and plots/metrics/*.tsv
 RETRIEVAL_METRICS = METRICS / "retrieval.json"
 RETRIEVAL_PLOT = METRICS / "retrieval_by_epoch.csv"

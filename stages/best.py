@@ -2,6 +2,7 @@
 from clipcore import paths
 from clipcore.params import load_params
 from clipcore.report.best import write_best
+from clipcore.report.versus_base import verdict
 from clipcore.stage import run_stage
 
 
@@ -13,6 +14,7 @@ def main() -> None:
         measured += f", test score {summary['test']['score']:.1f}"
     print(f"best epoch {summary['epoch']} ({summary['picked_by']}; {measured}): "
           f"model, results and summary.json in {paths.BEST}")
+    print(verdict(summary["versus_base"]))
 
 
 if __name__ == "__main__":

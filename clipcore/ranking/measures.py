@@ -16,6 +16,13 @@ def competition_score(hit_rates: dict[int, float]) -> float:
     return sum(weight * hit_rates[k] for k, weight in SCORE_WEIGHTS.items())
 
 
+def query_scores(query_labels, ranked_labels) -> np.ndarray:
+    """(Q,) each query's own competition points (600 for a top-1 hit, +300 top-5, +100 top-10):
+    their mean is retrieval_metrics' score; pairs of them compare two rankings query by query."""
+    relevant = np.asarray(ranked_labels) == np.asarray(query_labels)[:, None]
+    return sum(weight * relevant[:, :cut].any(axis=1) for cut, weight in SCORE_WEIGHTS.items())
+
+
 def retrieval_metrics(query_labels, ranked_labels, n_relevant=None, k: int | None = None) -> dict:
     """All measures for one ranking.
 

@@ -20,6 +20,7 @@ from clipcore import paths
 from clipcore.errors import ClipcoreError
 from clipcore.files import file_sha256, write_atomic, write_text_atomic
 from clipcore.params import Params
+from clipcore.report.versus_base import compare_with_base
 
 # The params sections that made the model and its results (demo and submit don't: the data
 # hashes cover the demo, and submitting changes no ranking).
@@ -93,6 +94,7 @@ def write_best(params: Params, prepared: Path = paths.PREPARED) -> dict:
         "picked_by": chosen.rule,
         "val": {column: _json_number(val.get(column, math.nan)) for column in VAL_COLUMNS},
         "test": None if test is None else test[chosen.epoch],
+        "versus_base": compare_with_base(chosen.epoch),  # paired over the val queries
         "model": paths.BEST_MODEL.name,
         "results": paths.BEST_RESULTS.name,
         "made_from": {"model": str(model), "model_sha256": file_sha256(model),

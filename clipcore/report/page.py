@@ -36,6 +36,7 @@ from clipcore.report.best import (
 )
 from clipcore.report.charts import by_epoch_charts, escape, fmt, metrics_table
 from clipcore.report.crops import crop_section
+from clipcore.report.versus_base import verdict
 from clipcore.retrieve.pictures import MAX_MATCHES, QUERY_FRAME, RIGHT, WRONG
 
 THUMB = 64                # pixels: thumbnails are downscaled, 1-2 kB each
@@ -177,7 +178,9 @@ def _header(summary: dict, rows: list[dict]) -> str:
             f"{escape(summary['picked_by'])}"
             f". {escape('; '.join(measured))}.<br>Its model: <code>repository/best/"
             f"{escape(summary['model'])}</code> (DVC artifact <code>best-model</code>), its results: "
-            f"<code>repository/best/{escape(summary['results'])}</code>.</p>")
+            f"<code>repository/best/{escape(summary['results'])}</code>.</p>\n"
+            f"<p class=\"versus-base\" id=\"versus-base\">"
+            f"{escape(verdict(summary.get('versus_base')))}.</p>")
 
 
 def _mistakes(ranking: dict[str, list[str]], query_labels: dict[str, str] | None,

@@ -20,6 +20,7 @@ import torch
 
 from clipcore.errors import ClipcoreError
 from clipcore.model.checkpoint import load_model_file
+from clipcore.model.factory import FineTunedCLIP
 from clipcore.model.features import backbone_features
 from clipcore.ranking.measures import retrieval_metrics
 from clipcore.ranking.search import top_k, unit_rows
@@ -75,11 +76,15 @@ def choose_weights(val_parts: Sequence[np.ndarray], labels: Sequence[str], step:
     return best
 
 
-def embed_images(model_file: Path, images: Sequence[Path], device: str = "cpu",
+def embed_images(model_file: Path | FineTunedCLIP, images: Sequence[Path], device: str = "cpu",
                  batch_size: int = 64, desc: str = "") -> np.ndarray:
-    """One model file's embeddings of the images (num_workers 0: a fusion run is small)."""
-    model, _ = load_model_file(model_file, device)
+    """A model's (or model file's) embeddings of the images (num_workers 0: a fusion run is
+    small)."""
+    if isinstance(model_file, FineTunedCLIP):
+        model = model_file.eval()
+    else:
+        model, _ = load_model_file(model_file, device)
     features = backbone_features(model, list(images), batch_size=batch_size, num_workers=0,
-                                 desc=desc or Path(model_file).name)
+                                 desc=desc or getattr(model_file, "name", "model"))
     with torch.inference_mode():
         return model.embed_features(features).float().cpu().numpy()

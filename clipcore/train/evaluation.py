@@ -34,6 +34,8 @@ def evaluate(model: FineTunedCLIP, features: BackboneFeatures, val: Split, train
     measures = validation_metrics(embeddings.cpu().numpy(), val_labels, k, gallery, train_labels,
                                   query_mask=query_masks[0], train_query_mask=query_masks[1])
     row.update({key: float(measures[key]) for key in VALIDATION_COLUMNS if key in measures})
+    if "query_scores" in measures:  # each val query's points, for the paired base comparison
+        row["query_scores"] = measures["query_scores"]
     return row
 
 

@@ -1,7 +1,8 @@
 """A training run's files, per epoch X (epoch 0 = the base model before any step, so the metrics
 show what fine-tuning gained): `all_weights/model_epoch_X.pt` (what inference needs),
 `checkpoints/weights_epoch_X.pth` (what resuming needs; X >= 1 only), a row of
-`metrics/training_metrics.csv` and a dvclive step.
+`metrics/training_metrics.csv`, each val query's points in `metrics/val_query_scores.json` and a
+dvclive step.
 
 Rank 0 alone writes: the other processes hold the same weights and rows.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 import sys
 from pathlib import Path
@@ -50,9 +52,9 @@ class RunFiles:
         if checkpoint is not None:
             save_atomic(checkpoint(), paths.checkpoint_path(epoch))
             _prune_checkpoints(self.keep_checkpoints)
-        write_metrics_csv(history, paths.TRAINING_METRICS_CSV)
+        write_metrics(history)
 
-    def continue_after(self, checkpoint: dict, model: FineTunedCLIP, frozen: bool) -> None:
+    def continue_after(self, checkpoint: dict, model: FineTunedCLIP) -> None:
         """Resuming after the checkpoint's epoch: later epochs' files go (they train again), model
         files DVC deleted before the stage ran are rewritten, the metrics CSV holds its rows.
         `model` is the untouched base model; it ends holding some epoch's weights."""
@@ -60,8 +62,8 @@ class RunFiles:
             return
         epoch = checkpoint["epoch"]
         _remove_epoch_files(after=epoch)
-        _restore_model_files(model, epoch, checkpoint["state"], frozen)
-        write_metrics_csv(checkpoint["history"], paths.TRAINING_METRICS_CSV)
+        _restore_model_files(model, epoch, checkpoint["state"])
+        write_metrics(checkpoint["history"])
 
     @contextlib.contextmanager
     def live(self, history: list[dict]) -> Iterator[Callable[[dict], None]]:
@@ -72,6 +74,14 @@ class RunFiles:
             for row in history:
                 _log(live, row)
             yield lambda row: _log(live, row)
+
+
+def write_metrics(history: list[dict]) -> None:
+    """training_metrics.csv and val_query_scores.json ({epoch: each val query's points}, in
+    the same query order every epoch) of the rows so far."""
+    write_metrics_csv(history, paths.TRAINING_METRICS_CSV)
+    scores = {str(row["epoch"]): row["query_scores"] for row in history if "query_scores" in row}
+    write_text_atomic(paths.VAL_QUERY_SCORES, json.dumps(scores) + "\n")
 
 
 def write_metrics_csv(history: list[dict], path: Path) -> None:
@@ -125,8 +135,8 @@ def _prune_checkpoints(keep: int) -> None:
             path.unlink()
 
 
-def _restore_model_files(model: FineTunedCLIP, upto: int, upto_state: dict[str, torch.Tensor],
-                         frozen: bool) -> None:
+def _restore_model_files(model: FineTunedCLIP, upto: int,
+                         upto_state: dict[str, torch.Tensor]) -> None:
     """Rewrite missing model files of epochs 0..upto from the untouched model and the
     checkpoints (epoch `upto`'s state is given: its checkpoint was just read)."""
     # The head's buffers (its input statistics) are set before the first step and never train:
@@ -137,6 +147,7 @@ def _restore_model_files(model: FineTunedCLIP, upto: int, upto_state: dict[str, 
         target = paths.model_path(epoch)
         if target.exists():
             continue
+        state = {}
         if epoch > 0:
             try:
                 state = (upto_state if epoch == upto
@@ -145,4 +156,6 @@ def _restore_model_files(model: FineTunedCLIP, upto: int, upto_state: dict[str, 
                 print(f"warning: cannot rewrite {target}: {exc}", file=sys.stderr)
                 continue
             model.load_state_dict(state, strict=False)
-        save_model(model, target, backbone_trained=epoch > 0 and not frozen, epoch=epoch)
+        # A checkpoint holds the tower exactly when it trained (train.frozen_epochs: not yet).
+        trained = any(name.startswith("clip.visual.") for name in state)
+        save_model(model, target, backbone_trained=trained, epoch=epoch)

@@ -65,7 +65,7 @@ def train(params: Params, data_root: Path, prepared: Path = paths.PREPARED,
             print("epoch 0 is the base model under a random mlp head (model.head mlp), "
                   "not zero-shot CLIP")
     else:
-        files.continue_after(checkpoint, trainer.model, trainer.frozen)
+        files.continue_after(checkpoint, trainer.model)
         trainer.restore(checkpoint)
         history = checkpoint["history"]
     with files.live(history) as log:
@@ -98,7 +98,9 @@ class Trainer:
                                        params.data.val_queries)
         self.model = build_model(params.model, self.device)
         self.frozen = unfreezing.backbone_frozen(params.train)
-        unfreezing.unlock(self.model, params.train)  # train.unlocked_blocks
+        # train.unlocked_blocks; unlocked before the optimizer is built, so that it holds the
+        # blocks from the start even while train.frozen_epochs keeps them still.
+        unfreezing.unlock(self.model, params.train)
         # What the loss trains (the CLIP loss's temperature and text targets, a classifier
         # loss's class weights) are its parameters.
         self.loss = create_loss(params, self.model, captions).to(self.device)
@@ -141,6 +143,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         started = time.perf_counter()
         train = self.params.train
+        self._enter_phase(epoch)
         self.model.train()
         self.loss.train()  # a text head's dropout
         self.world.seed_epoch(self.params.seed, epoch)
@@ -196,6 +199,21 @@ class Trainer:
         row.update(train_loss=self.world.sum(total_loss) / seen, lr=lr,
                    images_per_s=images_per_s)
         return row
+
+    def _enter_phase(self, epoch: int) -> None:
+        """train.frozen_epochs (LP-FT): the head alone trains, on stored features, up to that
+        epoch; then the unlocked blocks join (a resumed run enters the phase of its epoch)."""
+        frozen = unfreezing.backbone_frozen(self.params.train) or \
+            epoch <= self.params.train.frozen_epochs
+        if frozen == self.frozen:
+            return
+        self.frozen = frozen
+        if frozen:
+            self.model.set_backbone_trainable(False)
+        else:
+            unfreezing.unlock(self.model, self.params.train)
+        self.features.backbone_changed()
+        self.embed = self.world.trained(self.model, self.loss, self.frozen)
 
     def evaluate(self, epoch: int, started: float) -> dict:
         """The epoch's metric row (clipcore.train.evaluation) with the model as it is now."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from clipcore.errors import ClipcoreError
-from clipcore.ranking.measures import retrieval_metrics
+from clipcore.ranking.measures import query_scores, retrieval_metrics
 from clipcore.ranking.search import top_k
 
 
@@ -106,6 +106,8 @@ def validation_metrics(val: np.ndarray, val_labels: np.ndarray, k: int,
     found = top_k(query, gallery, ranks, metric="cosine", exclude_self=exclude_self)[matched]
     result.update(retrieval_metrics(query_labels[matched], gallery_labels[found],
                                     n_relevant=positives[matched], k=k))
+    # Per query, in a fixed order: the base comparison pairs two epochs' (clipcore.report.best).
+    result["query_scores"] = query_scores(query_labels[matched], gallery_labels[found]).tolist()
     return result
 
 
