@@ -270,10 +270,11 @@ class Trainer:
         """Continue where the checkpoint's run stopped. Its state replaces what `start` would
         compute (the head's statistics, the class targets): no pass over the images for it."""
         self.model.load_state_dict(checkpoint["state"], strict=False)
+        # The loss holds the temperature too (saved averaged): loaded before the raw weights.
+        self.loss.load_state_dict(checkpoint["loss"])
         if self.ema is not None:  # "state" is the average; the raw weights go on training
             self.ema.restore(checkpoint["ema"])
         self.features.backbone_changed()
-        self.loss.load_state_dict(checkpoint["loss"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         restore_rng(checkpoint["rng"], self.generator)
