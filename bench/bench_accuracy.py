@@ -114,12 +114,18 @@ def bench_params(overrides: dict) -> Params:
     return parse_params(with_overrides(defaults(), overrides))
 
 
-def pretrain_base(root: Path, out: Path, epochs: int, seed: int = 0) -> Path:
-    """Train the tiny model's image tower on the identities under root/train with a normalised
+def pretrain_base(root: Path, out: Path, epochs: int, seed: int = 0, model_name: str = "tiny"
+                  ) -> Path:
+    """Train the stand-in's image tower on the identities under root/train with a normalised
     softmax over learnable class proxies; save the whole open_clip state dict (what
-    `model.pretrained: <file>` loads). The text tower stays at its random init."""
+    `model.pretrained: <file>` loads). The text tower stays at its random init. Cached: a file
+    of the same model, epochs and identities is reused (the deep stand-in costs minutes)."""
+    if out.is_file():
+        print(f"  base: {out} (cached)", flush=True)
+        return out
+    started = time.perf_counter()
     torch.manual_seed(seed)
-    model = build_model(bench_params({"model.name": "tiny", "model.pretrained": "none"}).model)
+    model = build_model(bench_params({"model.name": model_name, "model.pretrained": "none"}).model)
     visual = model.clip.visual
     visual.requires_grad_(True)
     files = sorted((root / "train").glob("*/*.png"))
@@ -140,8 +146,9 @@ def pretrain_base(root: Path, out: Path, epochs: int, seed: int = 0) -> Path:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    print(f"  base: {len(classes)} identities, {len(files)} images, {epochs} epochs, "
-          f"last batch loss {loss.item():.3f}", flush=True)
+    print(f"  base: {model_name}, {len(classes)} identities, {len(files)} images, {epochs} "
+          f"epochs, last batch loss {loss.item():.3f}, pretrained in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
     torch.save(model.clip.state_dict(), out)
     return out
 
@@ -377,27 +384,34 @@ class Domain:
     protocols: list[str]
 
 
-def tiny_overrides(epochs: int) -> dict:
+def tiny_overrides(epochs: int, model_name: str = "tiny") -> dict:
     # Decoding 32-px images in the main process beats starting DataLoader workers every epoch.
-    return {"model.name": "tiny", "train.epochs": epochs, "retrieve.picture_queries": 0,
+    return {"model.name": model_name, "train.epochs": epochs, "retrieve.picture_queries": 0,
             "train.num_workers": 0, "embed.num_workers": 0, "train.device": "cpu"}
 
 
-def setup_domain(name: str, out: Path, sizes: Sizes, epochs: int, pretrain_epochs: int) -> Domain:
+def setup_domain(name: str, out: Path, sizes: Sizes, epochs: int, pretrain_epochs: int,
+                 model_name: str = "tiny") -> Domain:
     """Write the domain's base data, pretrain its base (saved under out) and return it."""
+    cached = f"{model_name}_{pretrain_epochs}e"
     if name == "generated":
         data = {"data.val_split": "class"}
         write_domain(out / "base", range(sizes.base_identities), range(2), DOMAIN_SEED,
                      train_images=sizes.base_images, renderings=sizes.base_renderings)
-        weights = pretrain_base(out / "base", out / "generated_base.pt", pretrain_epochs)
-        return Domain(name, {**tiny_overrides(epochs), "model.pretrained": str(weights)}, data,
+        weights = pretrain_base(out / "base", out / f"generated_base_{cached}_"
+                                f"{sizes.base_identities}_{'+'.join(sizes.base_renderings)}.pt",
+                                pretrain_epochs, model_name=model_name)
+        return Domain(name, {**tiny_overrides(epochs, model_name),
+                             "model.pretrained": str(weights)}, data,
                       lambda seed: generated_roots(out, seed, sizes, data),
                       ["class-mixed", "photo->render"])
     if name == "digits":
         data = {"data.val_split": "image"}
         write_demo(out / "digits_base", bench_params({}).demo, DOMAIN_SEED, digits_kept=range(4))
-        weights = pretrain_base(out / "digits_base", out / "digits_base.pt", pretrain_epochs)
-        return Domain(name, {**tiny_overrides(epochs), "model.pretrained": str(weights)}, data,
+        weights = pretrain_base(out / "digits_base", out / f"digits_base_{cached}.pt",
+                                pretrain_epochs, model_name=model_name)
+        return Domain(name, {**tiny_overrides(epochs, model_name),
+                             "model.pretrained": str(weights)}, data,
                       lambda seed: (digit_roots(out, seed, data), None), ["image"])
     raise SystemExit(f"--domains: unknown domain {name!r} (generated, digits)")
 
@@ -420,6 +434,9 @@ def main() -> None:
     parser.add_argument("--finetune-identities", type=int, default=Sizes.finetune_identities,
                         help="identities fine-tuned on (the competition has 921; at most "
                              f"{Sizes.pool - Sizes.open_identities} beside the open set)")
+    parser.add_argument("--stand-in", default="tiny", choices=("tiny", "tiny-deep"),
+                        help="the model: tiny (2 blocks, 32 px) or tiny-deep (6 blocks of width "
+                             "128 at 48 px: deep enough for last-k blocks and layer decay)")
     parser.add_argument("--base-renderings", default=",".join(RENDERINGS),
                         help="renderings the generated base sees (photo: never a render)")
     args = parser.parse_args()
@@ -437,7 +454,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"{len(seeds)} seeds, {epochs} epochs; recipes: {', '.join(rows)}", flush=True)
     for name in args.domains.split(","):
-        domain = setup_domain(name, out, sizes, epochs, pretrain_epochs)
+        domain = setup_domain(name, out, sizes, epochs, pretrain_epochs, args.stand_in)
         bench_domain(domain.name, seeds, domain.base, domain.data, domain.make_roots,
                      domain.protocols, out, rows, modes)
 

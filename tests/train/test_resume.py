@@ -62,7 +62,7 @@ def flat_keys(raw: dict, prefix: str = "") -> list[str]:
 
 def changed(value, field_choices):
     """Another valid value of the same type."""
-    if value == "auto":  # a count chosen at run time: any count is another value
+    if value in ("auto", "all"):  # a count chosen at run time (all: every block): any count differs
         return 1
     if isinstance(value, bool):
         return not value
