@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import REPO
 from scipy import stats
-from test_workflow import SMOKE, dvc, git, new_project, run
+from dvc_project import SMOKE, dvc, git, new_project, run
 
 from clipcore.report.compare import exp_show, mean_ci
 
