@@ -19,7 +19,8 @@ from conftest import REPO
 from scipy import stats
 from dvc_project import SMOKE, dvc, git, new_project, run
 
-from clipcore.report.compare import exp_show, mean_ci
+from clipcore.report.compare import mean_ci
+from clipcore.report.experiments import exp_show
 
 # One epoch, the smallest demo images, no pictures: the stages up to retrieve are what compare reads.
 SWEEP = {**SMOKE, "train.epochs": 1, "demo.image_size": 8, "retrieve.picture_queries": 0}
