@@ -36,8 +36,15 @@ from pathlib import Path
 from scipy import stats
 
 from clipcore.errors import ClipcoreError
-from clipcore.report.experiments import (SEED, Experiment, exp_show, finished, head_params,
-                                         is_recipe, read_experiments)
+from clipcore.report.experiments import (
+    SEED,
+    Experiment,
+    exp_show,
+    finished,
+    head_params,
+    is_recipe,
+    read_experiments,
+)
 from clipcore.report.recipes import dvc_overrides
 from clipcore.stage import run_stage
 

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
-from dvc_project import SMOKE, digest, dvc, git, new_project, set_params
 from dvc.api import artifacts_show
+from dvc_project import SMOKE, digest, dvc, git, new_project, set_params
 
 from clipcore.model.checkpoint import load_model
 

@@ -16,8 +16,8 @@ import sys
 import pytest
 import yaml
 from conftest import REPO
-from scipy import stats
 from dvc_project import SMOKE, dvc, git, new_project, run
+from scipy import stats
 
 from clipcore.report.compare import mean_ci
 from clipcore.report.experiments import exp_show
