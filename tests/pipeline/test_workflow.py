@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from docs_metrics import generic, quoted_metric_names, shown_metric_names
 from dvc.api import artifacts_show
 from dvc_project import SMOKE, digest, dvc, git, new_project, set_params
 
@@ -69,6 +70,10 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
     assert len(submissions) == 1 + len(epochs)
     retrieval = json.loads((project / "repository/metrics/retrieval.json").read_text())
     assert sorted(retrieval["epochs"]) == ["0", "1", "2"]
+    # Every metric name that README.md and docs/ quote is one this run wrote.
+    written = shown_metric_names(json.loads(dvc(project, "metrics", "show", "--json")))
+    assert {name: pages for name, pages in quoted_metric_names().items()
+            if generic(name) not in written} == {}
 
     # The best epoch: the highest val score of training_metrics.csv (ties: the earliest), its
     # model file and results copied, its val and test metrics in the summary; the report names it.
