@@ -120,7 +120,7 @@ def against_head(experiments: list[Experiment], head: dict | None) -> list[str]:
     if not lines:
         return ["every param as in HEAD's params.yaml (seed aside)"]
     return ["params that differ from HEAD's params.yaml (queued runs take the workspace's, "
-            "uncommitted changes included):", *lines]
+            "uncommitted too):", *lines]
 
 
 def report(experiments: list[Experiment], skipped: list[str], head: dict | None = None,
