@@ -1,5 +1,6 @@
 """A trained model ready to embed images as the pipeline did: the model file's model (WiSE-FT
-mixed as the run's embed.wise_ft_alpha says), its validation transform, and the run's embed
+mixed as the run's embed.wise_ft_alpha says, unless the file is mixed already, as best/model.pt
+is), its validation transform, and the run's embed
 (TTA, batch size) and retrieve settings, read from the summary.json that `best` writes beside
 model.pt (or from a params.yaml for a model file without one).
 """

@@ -112,11 +112,13 @@ def _directory_problem(archive: zipfile.ZipFile, f) -> str | None:
 
 
 def inference_state(model: FineTunedCLIP, backbone_trained: bool) -> dict:
-    """What embedding images needs beyond the base weights (the visual tower only if trained)."""
+    """What embedding images needs beyond the base weights (the visual tower only if trained),
+    and the WiSE-FT alpha its weights are already mixed at, if they are (best/model.pt)."""
     state = model.head_state()
     if backbone_trained:
         state.update(model.backbone_state())
-    return {
+    mixed = {} if model.wise_ft_alpha == 1.0 else {"wise_ft_alpha": model.wise_ft_alpha}
+    return {**mixed,
         "format": MODEL_FORMAT,
         "model": {"name": model.base["name"], "pretrained": model.base["pretrained"],
                   "embed_dim": model.embed_dim, "dropout": model.head.dropout.p,
@@ -166,6 +168,7 @@ def load_model_file(path: str | Path,
         raise ClipcoreError(
             f"{path}: tensors do not fit a {params.name} model ({str(exc).splitlines()[-1].strip()})"
         ) from exc
+    model.wise_ft_alpha = float(data.get("wise_ft_alpha", 1.0))
     return model.eval(), bool(data["backbone_trained"])
 
 

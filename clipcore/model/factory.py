@@ -100,6 +100,7 @@ class FineTunedCLIP(nn.Module):
         self.tokenizer = tokenizer
         self.embed_dim = embed_dim
         self.base = base
+        self.wise_ft_alpha = 1.0  # the weights as trained; WiSE-FT mixing sets its alpha
         if head not in HEADS:  # a damaged model file; params.yaml's value is checked on load
             raise ClipcoreError(f"model.head: unknown head {head!r} (one of {', '.join(HEADS)})")
         self.head_kind = head

@@ -1,5 +1,7 @@
 """The best epoch, picked by validation and never by test labels, kept in repository/best/: its
-model file, its results file and a summary of what made it (params, data).
+model file, its results file and a summary of what made it (params, data). With WiSE-FT
+(embed.wise_ft_alpha < 1) the model file holds the mixed weights that made the results, not the
+epoch's fine-tuned ones.
 
 The rule: the highest val `score` in training_metrics.csv (the competition's 0-1000 score on the
 val split); ties go to the earliest epoch, the least training that reaches that score. Without
@@ -16,11 +18,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from clipcore import paths
 from clipcore.errors import ClipcoreError
 from clipcore.files import file_sha256, write_atomic, write_text_atomic
+from clipcore.model.checkpoint import save_model
 from clipcore.params import Params
 from clipcore.report.versus_base import compare_with_base
+from clipcore.retrieve.embedding import embedding_model
 
 # The params sections that made the model and its results (demo and submit don't: the data
 # hashes cover the demo, and submitting changes no ranking).
@@ -98,17 +104,31 @@ def write_best(params: Params, prepared: Path = paths.PREPARED) -> dict:
         "model": paths.BEST_MODEL.name,
         "results": paths.BEST_RESULTS.name,
         "made_from": {"model": str(model), "model_sha256": file_sha256(model),
-                      "results": str(results)},
+                      "wise_ft_alpha": params.embed.wise_ft_alpha, "results": str(results)},
         "params": {section: _plain(getattr(params, section)) for section in MADE_BY},
         "data": {"root": params.data.root,
                  "manifests_sha256": {file.name: file_sha256(file)
                                       for file in sorted(Path(prepared).glob("*.csv"))}},
     }
-    for source, target in ((model, paths.BEST_MODEL), (results, paths.BEST_RESULTS)):
-        with open(source, "rb") as f:
-            write_atomic(target, lambda out: shutil.copyfileobj(f, out))
+    _write_model(model, params.embed.wise_ft_alpha, chosen.epoch)
+    _copy(results, paths.BEST_RESULTS)
     write_text_atomic(paths.BEST_SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _write_model(source: Path, alpha: float, epoch: int) -> None:
+    """The model that made the results: the epoch's file itself, or at alpha < 1 its WiSE-FT mix
+    as the embed stage made it (marked mixed, so that loading it does not mix it again)."""
+    if alpha == 1.0:
+        _copy(source, paths.BEST_MODEL)
+        return
+    mixed, backbone_trained = embedding_model(source, alpha, torch.device("cpu"))
+    save_model(mixed, paths.BEST_MODEL, backbone_trained, epoch)
+
+
+def _copy(source: Path, target: Path) -> None:
+    with open(source, "rb") as f:
+        write_atomic(target, lambda out: shutil.copyfileobj(f, out))
 
 
 def read_summary(path: Path = paths.BEST_SUMMARY) -> dict:

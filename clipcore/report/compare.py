@@ -15,6 +15,13 @@ n - 1 degrees of freedom; one seed gives no interval) of:
 With several configurations it also prints each one's difference from the first (A), paired by
 seed over the seeds both ran: a seed draws the same split, init and batch order for both, so
 what the seed moves alike cancels out.
+
+Only the params that can change a ranking make configurations (clipcore.report.experiments.RUN_ONLY:
+submit.*, report.*, workers, resuming are listed apart, not counted); a seed run twice with the same
+params counts once. mAP@k of configurations with different k (train.val_top_k, retrieve.top_k)
+carry their k. The header lists every param (seed aside) that differs from HEAD's params.yaml:
+queued experiments start from the workspace's params, uncommitted changes included. By default
+only the experiments of HEAD count; -A takes those of every commit (whose code may differ).
 """
 from __future__ import annotations
 
@@ -22,23 +29,25 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
-import sys
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 from scipy import stats
 
-from clipcore import paths
 from clipcore.errors import ClipcoreError
-from clipcore.params import dotted
-from clipcore.report.best import pick, read_training_metrics
+from clipcore.report.experiments import (
+    SEED,
+    Experiment,
+    exp_show,
+    finished,
+    head_params,
+    is_recipe,
+    read_experiments,
+)
 from clipcore.report.recipes import dvc_overrides
 from clipcore.stage import run_stage
 
-SEED = "seed"
 CONFIDENCE = 0.95
 # (row label, where the value comes from, its key, decimals)
 ROWS = [("val-picked epoch", "val", "epoch", 1),
@@ -47,19 +56,9 @@ ROWS = [("val-picked epoch", "val", "epoch", 1),
         ("test score", "test", "score", 1), ("test top1", "test", "top1", 3),
         ("test top5", "test", "top5", 3), ("test top10", "test", "top10", 3),
         ("test map@k", "test", "map_at_k", 3)]
-FINISHED = (None, "success")  # executor states of a finished experiment (None: run in place)
-TRAIN_METRICS = "repository/metrics/train/metrics.json"
+MAP_K = {"map_at_k": {"val": "train.val_top_k", "test": "retrieve.top_k"}}  # each mAP's k
 WIDTH = 100  # of the configuration lines
 PAIRED_ROWS = [row for row in ROWS if row[2] == "score"]  # differences from A: the scores
-
-
-@dataclass(frozen=True)
-class Experiment:
-    name: str
-    params: dict              # flat dotted keys, seed included
-    val: dict                 # val metrics at the picked epoch, "epoch" included
-    test: dict | None         # test metrics at that epoch; None: no test labels
-    picked: bool              # False: training_metrics.csv unreadable, the last epoch shown
 
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
@@ -71,83 +70,78 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
     return mean, t * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def exp_show(repo: Path, all_commits: bool = False) -> list:
-    command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
-    done = subprocess.run(command + ["--all-commits"] * all_commits, cwd=repo,
-                          capture_output=True, text=True)
-    if done.returncode:
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise ClipcoreError(f"dvc exp show --json failed in {repo}: {last}")
-    return json.loads(done.stdout)
+@dataclass(frozen=True)
+class Grouping:
+    varying: list[str]        # the recipe params that tell the configurations apart
+    run_only: list[str]       # params that differ too but change no ranking (not counted)
+    groups: dict[tuple, list[Experiment]]  # by those params' values, one experiment per seed
+    repeats: list[str]        # a line for each seed run again with the same params
 
 
-def read_experiments(show: list, repo: Path) -> tuple[list[Experiment], list[str]]:
-    """The finished experiments of `dvc exp show --json` output, and a line for each one left
-    out (queued, running, failed)."""
-    found, skipped = [], []
-    for baseline in show:
-        for experiment in baseline.get("experiments") or []:
-            run = experiment["revs"][0]
-            name = experiment.get("name") or run["rev"][:7]
-            state = (experiment.get("executor") or {}).get("state")
-            if state not in FINISHED or run.get("error") or not run.get("data"):
-                skipped.append(f"{name}: {state or 'error'}, left out")
-                continue
-            found.append(_experiment(name, run["rev"], run["data"], repo))
-    return found, skipped
-
-
-def _experiment(name: str, rev: str, data: dict, repo: Path) -> Experiment:
-    params = {}
-    for file, content in data["params"].items():
-        prefix = "" if file == "params.yaml" else f"{file}:"
-        params.update(dotted(content.get("data", {}), prefix))
-    metrics = {path: content.get("data") for path, content in data["metrics"].items()}
-    retrieval = metrics.get(str(paths.RETRIEVAL_METRICS)) or {}
-    test_by_epoch = {int(epoch): values for epoch, values in retrieval.get("epochs", {}).items()}
-    rows = _training_rows(repo, rev)
-    if rows is not None:
-        val = next(row for row in rows if row["epoch"] == pick(rows).epoch)
-    else:  # what exp show has: the last epoch's dvclive metrics
-        last = metrics.get(TRAIN_METRICS) or {}
-        val = {**last, "epoch": last.get("step", math.nan)}
-    return Experiment(name, params, val, test_by_epoch.get(val["epoch"]), picked=rows is not None)
-
-
-def _training_rows(repo: Path, rev: str) -> list[dict] | None:
-    """training_metrics.csv of an experiment's commit (a `cache: false` output: git holds it)."""
-    done = subprocess.run(["git", "show", f"{rev}:./{paths.TRAINING_METRICS_CSV}"], cwd=repo,
-                          capture_output=True, text=True)
-    if done.returncode:
-        return None
-    with tempfile.TemporaryDirectory() as folder:
-        table = Path(folder) / paths.TRAINING_METRICS_CSV.name
-        table.write_text(done.stdout, encoding="utf-8")
-        return read_training_metrics(table)
-
-
-def group_by_config(experiments: list[Experiment]) -> tuple[list[str], dict[tuple, list]]:
-    """The params that tell the configurations apart (seed aside), and the experiments of each
-    configuration keyed by those params' values."""
+def group_by_config(experiments: list[Experiment]) -> Grouping:
+    """The experiments by configuration (their recipe params, seed aside), each seed once."""
     keys = sorted({key for e in experiments for key in e.params} - {SEED})
-    varying = [key for key in keys if len({repr(e.params.get(key)) for e in experiments}) > 1]
+    differ = [key for key in keys if len({repr(e.params.get(key)) for e in experiments}) > 1]
+    varying = [key for key in differ if is_recipe(key)]
     groups: dict[tuple, list] = {}
     for experiment in experiments:
         config = tuple((key, experiment.params.get(key)) for key in varying)
         groups.setdefault(config, []).append(experiment)
-    for members in groups.values():
-        members.sort(key=lambda e: e.params.get(SEED, 0))  # validated integers
-    return varying, dict(sorted(groups.items(), key=lambda item: repr(item[0])))
+    repeats = []
+    for config, members in groups.items():
+        by_seed: dict = {}
+        for experiment in members:
+            by_seed.setdefault(experiment.params.get(SEED), []).append(experiment)
+        for seed, runs in by_seed.items():
+            if len(runs) > 1:
+                repeats.append(f"seed {seed} ran {len(runs)} times with the same params "
+                               f"({', '.join(e.name for e in runs)}): counted once, as "
+                               f"{runs[0].name}")
+        groups[config] = sorted((runs[0] for runs in by_seed.values()),
+                                key=lambda e: e.params.get(SEED, 0))  # validated integers
+    return Grouping(varying, [key for key in differ if not is_recipe(key)],
+                    dict(sorted(groups.items(), key=lambda item: repr(item[0]))), repeats)
 
 
-def report(experiments: list[Experiment], skipped: list[str]) -> str:
-    """The comparison table as text."""
+def against_head(experiments: list[Experiment], head: dict | None) -> list[str]:
+    """A line per param (seed aside) whose value in some experiment is not HEAD's params.yaml's."""
+    if head is None:
+        return ["HEAD has no params.yaml: the params cannot be checked against the commit"]
+    keys = sorted({key for e in experiments for key in e.params if ":" not in key} - {SEED})
+    lines = []
+    for key in keys:
+        values = [e.params.get(key) for e in experiments if e.params.get(key) != head.get(key)]
+        if values:
+            counts = {repr(v): (v, values.count(v)) for v in values}
+            found = ", ".join(f"{_yaml(v)} in {n} of {len(experiments)}"
+                              for v, n in counts.values())
+            lines.append(f"  {key}: {found} (HEAD: "
+                         f"{_yaml(head[key]) if key in head else 'no such key'})")
+    if not lines:
+        return ["every param as in HEAD's params.yaml (seed aside)"]
+    return ["params that differ from HEAD's params.yaml (queued runs take the workspace's, "
+            "uncommitted too):", *lines]
+
+
+def report(experiments: list[Experiment], skipped: list[str], head: dict | None = None,
+           elsewhere: int = 0) -> str:
+    """The comparison table as text; `head`: HEAD's params (dotted), `elsewhere`: finished
+    experiments of other commits, left out (no -A)."""
+    hint = [f"{elsewhere} finished experiment(s) of earlier commits left out: add -A "
+            f"(--all-commits) to compare them (their code may differ from HEAD's)"] * bool(elsewhere)
     if not experiments:
-        return "\n".join([*skipped, "no finished experiments (dvc exp show lists none): queue "
-                          "some with `dvc exp run --queue -S seed=1,2,3 ...`, then `dvc queue start`"])
-    varying, groups = group_by_config(experiments)
+        return "\n".join([*skipped, *hint, "no finished experiments (dvc exp show lists "
+                          "none): queue some with `dvc exp run --queue -S seed=1,2,3 ...`, then "
+                          "`dvc queue start`"])
+    grouping = group_by_config(experiments)
+    varying, groups = grouping.varying, grouping.groups
     names = [chr(ord("A") + i) if i < 26 else f"C{i}" for i in range(len(groups))]
-    lines = textwrap.wrap(f"{len(experiments)} experiments, {len(groups)} configuration(s)"
+    counted = sum(len(members) for members in groups.values())
+    commits = sorted({e.baseline for e in experiments})
+    lines = textwrap.wrap(f"{counted} experiments"
+                          + (f" (of {len(commits)} commits: {', '.join(commits)})"
+                             if len(commits) > 1 else "")
+                          + f", {len(groups)} configuration(s)"
                           + (f" differing in {', '.join(varying)}" if varying else "") + ":",
                           WIDTH, subsequent_indent="  ")
     for name, (config, members) in zip(names, groups.items()):
@@ -155,8 +149,16 @@ def report(experiments: list[Experiment], skipped: list[str]) -> str:
         label = " ".join(dvc_overrides(dict(config))) or "(the only configuration)"
         lines += textwrap.wrap(f"{name} (n={len(members)}; seeds {seeds}): {label}", WIDTH,
                                initial_indent="  ", subsequent_indent="      ")
+    lines += against_head(experiments, head)
+    if grouping.run_only:
+        lines.append(f"differ too, not counted as configurations (they change no ranking): "
+                     f"{', '.join(grouping.run_only)}")
+    k_differs = _k_differs(groups)
     lines += _table("mean ± 95% CI", names, ROWS,
-                    [[_cell(members, source, key, decimals) for _, source, key, decimals in ROWS]
+                    [[_cell(members, source, key, decimals)
+                      + (f" @{members[0].params.get(MAP_K[key][source])}"
+                         if (source, key) in k_differs else "")
+                      for _, source, key, decimals in ROWS]
                      for members in groups.values()])
     if len(groups) > 1:
         reference, *others = groups.values()
@@ -169,11 +171,24 @@ def report(experiments: list[Experiment], skipped: list[str]) -> str:
     if len(groups) > 1:
         lines.append("minus A, by seed: each seed's score minus A's run of the same seed, over "
                      "the seeds both ran (n); an interval without 0 is a real difference.")
+    if k_differs:
+        lines.append("@N: the k of that mAP@k (train.val_top_k, retrieve.top_k), which differs "
+                     "between configurations: those cells do not compare")
     unpicked = [e.name for e in experiments if not e.picked]
     if unpicked:
         lines.append(f"last epoch, not val-picked (no training_metrics.csv in the commit): "
                      f"{', '.join(unpicked)}")
-    return "\n".join(lines + skipped)
+    return "\n".join(lines + grouping.repeats + skipped + hint)
+
+
+def _k_differs(groups: dict[tuple, list[Experiment]]) -> set[tuple[str, str]]:
+    """The (source, metric) pairs of ROWS whose k is not the same in every configuration."""
+    return {(source, key) for key, sources in MAP_K.items() for source, k_key in sources.items()
+            if len({repr(members[0].params.get(k_key)) for members in groups.values()}) > 1}
+
+
+def _yaml(value) -> str:
+    return json.dumps(value) if isinstance(value, (bool, str)) or value is None else str(value)
 
 
 def _table(title: str, names: list[str], rows: list[tuple], columns: list[list[str]]) -> list[str]:
@@ -230,7 +245,11 @@ def main(argv: list[str] | None = None) -> None:
             raise ClipcoreError(f"{args.show_json}: cannot read dvc exp show output ({exc})") from None
     else:
         show = exp_show(repo, args.all_commits)
-    print(report(*read_experiments(show, repo)))
+    experiments, skipped = read_experiments(show, repo)
+    elsewhere = 0
+    if not experiments and not args.all_commits and not args.show_json:
+        elsewhere = len(finished(exp_show(repo, all_commits=True)))
+    print(report(experiments, skipped, head_params(repo), elsewhere))
 
 
 if __name__ == "__main__":

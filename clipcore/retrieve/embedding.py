@@ -37,8 +37,15 @@ class EmbedReport:
 def embedding_model(model_file: Path, alpha: float, device: torch.device,
                     untouched: dict[str, FineTunedCLIP] | None = None) -> tuple[FineTunedCLIP, bool]:
     """A model file's model as embed.wise_ft_alpha wants it, and whether its backbone trained;
-    `untouched` keeps each base's epoch-0 model for the next file on the same base."""
+    `untouched` keeps each base's epoch-0 model for the next file on the same base. A file saved
+    already mixed (best/model.pt) is taken as it is: mixing it again would move it further."""
     model, backbone_trained = load_model_file(model_file, device)
+    if model.wise_ft_alpha != 1.0:
+        if alpha not in (1.0, model.wise_ft_alpha):
+            raise ClipcoreError(
+                f"{model_file}: already WiSE-FT mixed at alpha {model.wise_ft_alpha}, not "
+                f"{alpha}; mix a fine-tuned file ({paths.ALL_WEIGHTS}/model_epoch_X.pt) instead")
+        return model, backbone_trained
     if alpha != 1.0:
         untouched = {} if untouched is None else untouched
         base = json.dumps(model.base, sort_keys=True)

@@ -15,7 +15,8 @@ from clipcore.model.factory import FineTunedCLIP
 @torch.no_grad()
 def mix_weights(model: FineTunedCLIP, base: FineTunedCLIP, alpha: float,
                 backbone_trained: bool) -> FineTunedCLIP:
-    """`model` (in place) with each trained parameter set to (1 - alpha) * base + alpha * its own.
+    """`model` (in place) with each trained parameter set to (1 - alpha) * base + alpha * its own;
+    `model.wise_ft_alpha` records alpha, so a model file saved from it is not mixed again.
 
     Buffers stay the fine-tuned model's: they are statistics (the head's feature mean and std),
     not weights, and at alpha 0 the head's zero branch ignores them anyway.
@@ -28,4 +29,5 @@ def mix_weights(model: FineTunedCLIP, base: FineTunedCLIP, alpha: float,
         if name in trained:
             parameter.copy_((1 - alpha) * base_parameters[name].to(parameter.device)
                             + alpha * parameter)
+    model.wise_ft_alpha = alpha
     return model

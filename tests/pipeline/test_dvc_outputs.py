@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from test_workflow import REPO, SMOKE, digest, dvc, git, new_project
+from dvc_project import REPO, SMOKE, digest, dvc, git, new_project
 
 # Uncached outputs of the stages the failures below stop in: only git could bring them back.
 UNCACHED = ["repository/metrics/training_metrics.csv", "repository/metrics/train/metrics.json",

@@ -8,63 +8,27 @@ Uses the tiny model (`model.name=tiny`, `model.pretrained=none`), so it needs no
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import with_overrides, write_params
+from docs_metrics import generic, quoted_metric_names, shown_metric_names
 from dvc.api import artifacts_show
+from dvc_project import SMOKE, digest, dvc, git, new_project, set_params
 
 from clipcore.model.checkpoint import load_model
 
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = {"model.name": "tiny", "model.pretrained": "none", "train.epochs": 2,
-         "train.num_workers": 0, "embed.num_workers": 0}
 PIPELINE = ["demo", "prepare", "crop", "train", "embed", "retrieve", "submit", "best", "report"]
 
 pytestmark = pytest.mark.timeout(900)  # real dvc runs: several minutes on a busy 2-core machine
-
-
-def run(cwd: Path, *args: str, fails: bool = False) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    output = done.stdout + done.stderr
-    assert (done.returncode != 0) == fails, f"{' '.join(args)}: exit {done.returncode}:\n" \
-                                            f"{output[-4000:]}"
-    return output
-
-
-def dvc(cwd: Path, *args: str, fails: bool = False) -> str:
-    return run(cwd, sys.executable, "-m", "dvc", *args, fails=fails)
 
 
 def md_columns(table: str) -> list[str]:
     return [cell.strip() for cell in table.strip().splitlines()[0].strip("|").split("|")]
 
 
-def git(cwd: Path, *args: str) -> str:
-    return run(cwd, "git", *args)
-
-
 def stages_run(output: str) -> list[str]:
     return [s for s in PIPELINE if f"Running stage '{s}'" in output]
-
-
-def set_params(project: Path, values: dict) -> None:
-    """Change keys of the project's params.yaml, as `dvc exp run -S` would."""
-    params = with_overrides(yaml.safe_load((project / "params.yaml").read_text()), values)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def val_picked(project: Path) -> int:
@@ -73,33 +37,6 @@ def val_picked(project: Path) -> int:
         rows = [(float(row["score"]), -int(row["epoch"])) for row in csv.DictReader(f)
                 if row["score"]]  # the demo has a val split: scores exist
     return -max(rows)[1]
-
-
-def copy_project(dest: Path) -> None:
-    """The code and pipeline git would carry (tracked or not ignored), without the workspace's
-    params, outputs and lock file (tests never depend on them): the tests' own params instead."""
-    listed = git(REPO, "ls-files", "--cached", "--others", "--exclude-standard").split("\n")
-    for name in filter(None, listed):
-        source, top = REPO / name, name.split("/")[0]
-        output = top in {"data", "repository"} and source.name not in {"README.md", ".gitignore"}
-        if (source.is_file() and top not in {"tests", "bench"} and not output
-                and name not in {"dvc.lock", "params.yaml"}):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    write_params(dest)
-
-
-def new_project(root: Path, params: dict) -> Path:
-    """The project copied into root as a git repo whose first commit holds these params (dvc
-    exp and dvclive need a commit)."""
-    copy_project(root)
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.name", "clipcore test")
-    git(root, "config", "user.email", "test@clipcore.invalid")
-    set_params(root, params)
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "baseline params")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +70,10 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
     assert len(submissions) == 1 + len(epochs)
     retrieval = json.loads((project / "repository/metrics/retrieval.json").read_text())
     assert sorted(retrieval["epochs"]) == ["0", "1", "2"]
+    # Every metric name that README.md and docs/ quote is one this run wrote.
+    written = shown_metric_names(json.loads(dvc(project, "metrics", "show", "--json")))
+    assert {name: pages for name, pages in quoted_metric_names().items()
+            if generic(name) not in written} == {}
 
     # The best epoch: the highest val score of training_metrics.csv (ties: the earliest), its
     # model file and results copied, its val and test metrics in the summary; the report names it.

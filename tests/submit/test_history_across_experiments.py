@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.pipeline.test_workflow import REPO, dvc, git, new_project
+from tests.dvc_project import REPO, dvc, git, new_project
 from tests.submit.test_submission import (
     REVERSED_RANKING,
     TINY_RANKING,
