@@ -4,10 +4,12 @@ dvc.yaml names the same paths; keep the two in step.
 """
 from pathlib import Path
 
+PARAMS = Path("params.yaml")
 DEMO_ROOT = Path("data/demo")
 DEMO_LABELS = "test_labels.csv"          # inside a data root: split,file,label of test images
 PREPARED = Path("data/prepared")         # train.csv, val.csv, query.csv, gallery.csv, skipped.csv
 REPOSITORY = Path("repository")
+PARAMS_CHECKED = REPOSITORY / "params_checked.txt"  # stages/check_params.py: params.yaml passed
 METRICS = REPOSITORY / "metrics"
 TRAINING_METRICS_CSV = METRICS / "training_metrics.csv"
 TRAIN_LIVE = METRICS / "train"           # dvclive: metrics.json and plots/metrics/*.tsv
