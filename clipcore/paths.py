@@ -2,6 +2,7 @@
 
 dvc.yaml names the same paths; keep the two in step.
 """
+import re
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
@@ -62,5 +63,7 @@ def epoch_of(path: Path) -> int:
 
 
 def epoch_files(folder: Path, pattern: str) -> list[Path]:
-    """Per-epoch files in a folder, sorted by epoch number (not by name: 10 after 9)."""
-    return sorted(Path(folder).glob(pattern), key=epoch_of)
+    """Per-epoch files in a folder, sorted by epoch number (not by name: 10 after 9). Only names
+    whose `*` is a number: a stray `model_epoch_1 (copy).pt` is no epoch's file."""
+    exact = re.compile(re.escape(pattern).replace(r"\*", r"\d+"))
+    return sorted((p for p in Path(folder).glob(pattern) if exact.fullmatch(p.name)), key=epoch_of)
