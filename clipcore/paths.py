@@ -64,6 +64,6 @@ def epoch_of(path: Path) -> int:
 
 def epoch_files(folder: Path, pattern: str) -> list[Path]:
     """Per-epoch files in a folder, sorted by epoch number (not by name: 10 after 9). Only names
-    whose `*` is a number: a stray `model_epoch_1 (copy).pt` is no epoch's file."""
-    exact = re.compile(re.escape(pattern).replace(r"\*", r"\d+"))
-    return sorted((p for p in Path(folder).glob(pattern) if exact.fullmatch(p.name)), key=epoch_of)
+    ending in _<number>: a stray `model_epoch_1 (copy).pt` is no epoch's file."""
+    return sorted((p for p in Path(folder).glob(pattern) if re.fullmatch(r".*_\d+", p.stem)),
+                  key=epoch_of)
