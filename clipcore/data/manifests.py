@@ -64,6 +64,7 @@ def prepare(root: Path, out: Path, data: DataParams, seed: int) -> PrepareReport
             raise ClipcoreError(f"{folder}: folder not found (expected the competition layout "
                                 f"train/<class>/, test/query/, test/gallery/ under data.root)")
     candidates = {split: folder_files(folder) for split, folder in folders.items()}
+    _warn_of_linked_folders(root)
     readable, skipped, digests = _check_images(candidates, folders["train"], root)
     labels = _test_labels(root, candidates, readable)
     _check_test_images(skipped, root, labels)
@@ -158,6 +159,17 @@ def folder_files(folder: Path) -> list[Path]:
     for path in files:
         _check_utf8(path)
     return files
+
+
+def _warn_of_linked_folders(root: Path) -> None:
+    """prepare reads linked folders, but DVC hashes a dependency folder without entering them
+    (dvc 3.67): a change to their images would rerun no stage."""
+    linked = sorted(p for p in root.rglob("*") if p.is_symlink() and p.is_dir())
+    if linked:
+        more = f" (and {len(linked) - 1} more)" if len(linked) > 1 else ""
+        print(f"warning: {linked[0]} is a link to a folder{more}: prepare reads it, but DVC "
+              f"does not look inside linked folders, so a change there reruns no stage; copy "
+              f"it in for DVC to track it", file=sys.stderr)
 
 
 def _check_utf8(path: Path) -> None:
