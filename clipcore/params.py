@@ -245,7 +245,7 @@ class ReportParams:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = checked(ge=0)
+    seed: int = checked(ge=0, lt=2**32)  # numpy's seeds are 32-bit
     data: DataParams
     demo: DemoParams
     model: ModelParams

@@ -3,6 +3,8 @@ every problem one ParamsError line naming the key and the file. The schema is cl
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import re
 import typing
 from dataclasses import field
@@ -33,10 +35,9 @@ def build(cls, raw, prefix: str, source: str):
         raise ParamsError(f"{source}: {where} must be a mapping of keys, got {_describe(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
-        raise ParamsError(
-            f"{source}: unknown key '{prefix}{unknown[0]}' (expected one of: {', '.join(fields)})")
+        raise ParamsError(f"{source}: {_unknown_key(prefix + str(unknown[0]), cls, prefix)}")
     values = {}
     for name, f in fields.items():
         key = prefix + name
@@ -51,6 +52,36 @@ def build(cls, raw, prefix: str, source: str):
         return cls(**values)
     except ParamsError as exc:  # a rule between keys (__post_init__): name the file too
         raise ParamsError(f"{source}: {exc}") from None
+
+
+def _unknown_key(key: str, cls, prefix: str) -> str:
+    """What to say about an unknown key: the schema's nearest key (a typo, or a dotted key that
+    YAML read as one name: `train.epochs: 3` on one line) or the keys this level holds."""
+    known = _dotted_keys(cls, prefix)
+    written_dotted = "." in key[len(prefix):]
+    if written_dotted and key in known:
+        return f"'{key}' is one key named with dots to YAML: {_nested(key)}"
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if near:
+        nested = f", {_nested(near[0])}" if written_dotted else ""
+        return f"unknown key '{key}' (did you mean '{near[0]}'{nested}?)"
+    return (f"unknown key '{key}' (expected one of: "
+            f"{', '.join(f.name for f in dataclasses.fields(cls))})")
+
+
+def _nested(key: str) -> str:
+    *sections, name = key.split(".")
+    return f"write '{name}:' under {' '.join(f'{s}:' for s in sections)}"
+
+
+def _dotted_keys(cls, prefix: str) -> list[str]:
+    """Every key of dataclass `cls` and of the dataclasses nested in it, as dotted paths."""
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(hint):
+            keys += _dotted_keys(hint, f"{prefix}{name}.")
+    return keys
 
 
 def _convert(value, hint, key: str, check, source: str):
@@ -70,6 +101,8 @@ def _convert(value, hint, key: str, check, source: str):
             value = float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):  # `.inf`: no bound holds it (a timeout overflows)
+            raise ParamsError(f"{source}: '{key}' must be a finite number, got {value!r}")
     elif hint is str:
         # An empty YAML value (`url:`) reads as None; for strings it means "".
         value = "" if value is None else value

@@ -2,14 +2,17 @@
 
 dvc.yaml names the same paths; keep the two in step.
 """
+import re
 from pathlib import Path
 
+PARAMS = Path("params.yaml")
 DEMO_ROOT = Path("data/demo")
 DEMO_LABELS = "test_labels.csv"          # inside a data root: split,file,label of test images
 PREPARED = Path("data/prepared")         # train.csv, val.csv, query.csv, gallery.csv, skipped.csv
 CROPPED = Path("data/cropped")           # data.crop face: each manifest image's face crop, same relative path
 CROP_REPORT = CROPPED / "crop_report.csv"  # split,path,face,score,box,angle of every image (face 0: kept whole)
 REPOSITORY = Path("repository")
+PARAMS_CHECKED = REPOSITORY / "params_checked.txt"  # stages/check_params.py: params.yaml passed
 METRICS = REPOSITORY / "metrics"
 TRAINING_METRICS_CSV = METRICS / "training_metrics.csv"
 VAL_QUERY_SCORES = METRICS / "val_query_scores.json"  # each epoch's points per val query
@@ -69,5 +72,7 @@ def epoch_of(path: Path) -> int:
 
 
 def epoch_files(folder: Path, pattern: str) -> list[Path]:
-    """Per-epoch files in a folder, sorted by epoch number (not by name: 10 after 9)."""
-    return sorted(Path(folder).glob(pattern), key=epoch_of)
+    """Per-epoch files in a folder, sorted by epoch number (not by name: 10 after 9). Only names
+    ending in _<number>: a stray `model_epoch_1 (copy).pt` is no epoch's file."""
+    return sorted((p for p in Path(folder).glob(pattern) if re.fullmatch(r".*_\d+", p.stem)),
+                  key=epoch_of)

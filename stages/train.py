@@ -22,10 +22,13 @@ def main() -> None:
                     f"so no val metrics")
     else:
         best = max(history, key=lambda row: row["score"])
+        k = int(last.get("k", params.train.val_top_k))  # rows of older checkpoints lack it
+        beyond = (f", train.val_top_k={params.train.val_top_k} is beyond the val gallery"
+                  if k < params.train.val_top_k else "")
         measured = (f"val score {first['score']:.1f} -> {last['score']:.1f}, best epoch "
-                    f"{best['epoch']} ({best['score']:.1f}); val precision@"
-                    f"{params.train.val_top_k} {first['precision_at_k']:.3f} -> "
-                    f"{last['precision_at_k']:.3f} ({last['val_queries']:.0f} val queries)")
+                    f"{best['epoch']} ({best['score']:.1f}); val precision@{k} "
+                    f"{first['precision_at_k']:.3f} -> {last['precision_at_k']:.3f} "
+                    f"({last['val_queries']:.0f} val queries{beyond})")
     print(f"trained {last['epoch']} epochs ({mode}): {measured}; "
           f"model files in {paths.ALL_WEIGHTS}")
 

@@ -81,16 +81,40 @@ def without(dotted: str) -> dict:
      "'loss.target_init' must be caption with 'loss.text_targets: head'"),
     (with_overrides(default_params_dict(), {"model.head": "mlp", "embed.wise_ft_alpha": 0.5}),
      "'embed.wise_ft_alpha' must be 1.0 with 'model.head: mlp'"),
+    (with_overrides(default_params_dict(), {"seed": 2**32}), "'seed' must be < 4294967296"),
+    (with_overrides(default_params_dict(), {"submit.timeout": float("inf")}),
+     "'submit.timeout' must be a finite number, got inf"),
+    (with_overrides(default_params_dict(), {"train.lr": float("nan")}), "'train.lr'"),
 ], ids=["unknown-top", "unknown-nested", "missing-top", "missing-nested", "string-for-int",
         "int-for-bool", "bool-for-int", "negative-epochs", "val-fraction-1", "bad-val-split",
         "bad-metric", "section-not-mapping", "template-without-name", "bad-head",
         "bad-optimizer", "bad-schedule", "string-for-clamp", "text-head-with-class-mean",
-        "wise-ft-with-mlp-head"])
+        "wise-ft-with-mlp-head", "seed-over-32-bits", "infinite-timeout", "nan-lr"])
 def test_each_mistake_is_one_line_naming_the_key(raw, key):
     with pytest.raises(ParamsError) as caught:
         parse_params(raw)
     message = str(caught.value)
     assert key in message and "\n" not in message
+
+
+@pytest.mark.parametrize("line, message", [
+    ("sed: 7", "unknown key 'sed' (did you mean 'seed'?)"),
+    ("train.epohcs: 3", "unknown key 'train.epohcs' (did you mean 'train.epochs', write "
+                        "'epochs:' under train:?)"),
+    ("train.epochs: 3", "'train.epochs' is one key named with dots to YAML: write 'epochs:' "
+                        "under train:"),
+    ("color: red", "unknown key 'color' (expected one of: seed, data, demo,"),
+])
+def test_an_unknown_key_names_the_nearest_known_one(tmp_path, line, message):
+    """A line added to params.yaml as a newcomer writes it: a typo, or a dotted key that YAML
+    reads as one name."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(default_params_dict()) + line + "\n")
+    with pytest.raises(ParamsError) as caught:
+        load_params(tmp_path / "params.yaml")
+    assert str(caught.value).startswith(f"{tmp_path / 'params.yaml'}: {message}")
+    with pytest.raises(ParamsError, match=r"unknown key 'loss.arcface.margn' \(did you mean "
+                                          r"'loss.arcface.margin'\?\)"):
+        parse_params(with_overrides(default_params_dict(), {"loss.arcface.margn": 0.5}))
 
 
 def test_invalid_yaml_and_missing_file_name_the_file(tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -16,11 +16,12 @@ class UnreadableImage(Exception):
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image fully (not just its header) and convert to RGB."""
+    """Decode an image fully (not just its header), turned upright as its EXIF Orientation tag
+    says (a phone stores its photos sideways with that tag), and convert to RGB."""
     try:
         with Image.open(path) as image:
             image.load()
-            return _eight_bit(image).convert("RGB")
+            return _eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UnreadableImage(f"{path}: {exc.__class__.__name__}: {exc}") from None
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ def prepare(root: Path, out: Path, data: DataParams, seed: int) -> PrepareReport
             raise ClipcoreError(f"{folder}: folder not found (expected the competition layout "
                                 f"train/<class>/, test/query/, test/gallery/ under data.root)")
     candidates = {split: folder_files(folder) for split, folder in folders.items()}
+    _warn_of_linked_folders(root)
     readable, skipped, digests = _check_images(candidates, folders["train"], root)
     labels = _test_labels(root, candidates, readable)
     _check_test_images(skipped, root, labels)
@@ -74,7 +76,7 @@ def prepare(root: Path, out: Path, data: DataParams, seed: int) -> PrepareReport
     for split in TEST_SPLITS:
         frames[split] = pd.DataFrame(
             {"path": [_relative(f, root) for f in readable[split]],
-             "label": [labels.get((split, f.name), "") for f in readable[split]],
+             "label": [labels.get((split, nfc(f.name)), "") for f in readable[split]],
              "caption": "", "sha256": [digests[f] for f in readable[split]]}, columns=COLUMNS)
 
     for split, frame in frames.items():
@@ -143,11 +145,31 @@ def _is_junk(path: Path, top: Path) -> bool:
 
 
 def folder_files(folder: Path) -> list[Path]:
-    """Every non-junk file below a folder, sorted; a name that is not UTF-8 stops here."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _is_junk(p, folder))
+    """Every non-junk file below a folder, sorted; a name that is not UTF-8 stops here. Linked
+    folders are followed (a class folder linked in; Path.rglob skips them), each real folder
+    once, so a link to a folder above ends there."""
+    found, seen = [], set()
+    for top, folders, names in os.walk(folder, followlinks=True):
+        if os.path.realpath(top) in seen:
+            folders.clear()
+            continue
+        seen.add(os.path.realpath(top))
+        found += [Path(top, name) for name in names]
+    files = sorted(p for p in found if p.is_file() and not _is_junk(p, folder))
     for path in files:
         _check_utf8(path)
     return files
+
+
+def _warn_of_linked_folders(root: Path) -> None:
+    """prepare reads linked folders, but DVC hashes a dependency folder without entering them
+    (dvc 3.67): a change to their images would rerun no stage."""
+    linked = sorted(p for p in root.rglob("*") if p.is_symlink() and p.is_dir())
+    if linked:
+        more = f" (and {len(linked) - 1} more)" if len(linked) > 1 else ""
+        print(f"warning: {linked[0]} is a link to a folder{more}: prepare reads it, but DVC "
+              f"does not look inside linked folders, so a change there reruns no stage; copy "
+              f"it in for DVC to track it", file=sys.stderr)
 
 
 def _check_utf8(path: Path) -> None:
@@ -159,6 +181,12 @@ def _check_utf8(path: Path) -> None:
         shown = os.fsencode(path).decode("utf-8", "backslashreplace")
         raise ClipcoreError(f"{shown}: file or folder name is not UTF-8; rename it (the "
                             f"manifests and results hold names as UTF-8)") from None
+
+
+def nfc(name: str) -> str:
+    """A file name in Unicode's composed form: macOS file systems and some archives store "é" as
+    e + a combining accent (NFD), a CSV typed elsewhere as one character (NFC)."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -210,7 +238,7 @@ def _check_test_images(skipped: list[tuple[str, str]], root: Path,
     unlabelled notes.txt, are no test images and stay skipped)."""
     def test_image(path: PurePosixPath) -> bool:
         return path.parts[0] == "test" and (path.suffix.lower() in IMAGE_SUFFIXES
-                                            or (path.parts[1], path.name) in labels)
+                                            or (path.parts[1], nfc(path.name)) in labels)
     broken = [(path, reason) for path, reason in skipped if test_image(PurePosixPath(path))]
     if broken:
         (path, reason), more = broken[0], len(broken) - 1
@@ -245,11 +273,11 @@ def _check_test_names(readable: dict[str, list[Path]], root: Path) -> None:
         if not readable[split]:
             raise ClipcoreError(f"{root / 'test' / split}: no readable images")
         for path in readable[split]:
-            if path.name in seen:
+            if nfc(path.name) in seen:  # names that look the same are the same name to a user
                 raise ClipcoreError(f"{_relative(path, root)}: same file name as "
-                                    f"{_relative(seen[path.name], root)}; test file names must "
-                                    f"be unique across query and gallery")
-            seen[path.name] = path
+                                    f"{_relative(seen[nfc(path.name)], root)}; test file names "
+                                    f"must be unique across query and gallery")
+            seen[nfc(path.name)] = path
 
 
 def _test_labels(root: Path, candidates: dict[str, list[Path]],
@@ -260,9 +288,9 @@ def _test_labels(root: Path, candidates: dict[str, list[Path]],
     if not path.is_file():
         return {}
     table = read_labels_table(path)
-    keys = list(zip(table["split"], table["file"]))
-    known = {(split, f.name) for split in TEST_SPLITS for f in candidates[split]}
-    usable = {(split, f.name) for split in TEST_SPLITS for f in readable[split]}
+    keys = list(zip(table["split"], map(nfc, table["file"])))
+    known = {(split, nfc(f.name)) for split in TEST_SPLITS for f in candidates[split]}
+    usable = {(split, nfc(f.name)) for split in TEST_SPLITS for f in readable[split]}
     problems = [("names unknown test file", sorted(set(keys) - known)),
                 ("lacks labels for", sorted(usable - set(keys))),
                 ("has an empty label for", sorted(k for k, label in zip(keys, table["label"])

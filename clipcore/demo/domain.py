@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from clipcore.demo.digits import clear_demo_folder, hex_name, write_test_labels
+from clipcore.errors import ClipcoreError
 
 RENDERINGS = ("photo", "render")
 QUERY_RENDERING, GALLERY_RENDERING = RENDERINGS  # real photos query AI-generated renders
@@ -37,6 +38,7 @@ HUES = tuple(i / 8 for i in range(8))
 PARTS = 3
 RENDER_HUE_SHIFT = 0.07  # the renderer's palette is not the camera's
 DRAW_SCALE = 3           # shapes are drawn this many times larger, then downsampled (anti-aliasing)
+MAX_IDENTITIES = math.comb(len(KINDS) * len(HUES), PARTS)  # distinct sets of coloured shapes: 17,296
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ Identity = tuple[Part, Part, Part]
 def identities(count: int, seed: int) -> list[Identity]:
     """`count` identities, all different in which coloured shapes they hold (their sets of
     (kind, hue) differ), so no two can be told apart only by pose or rendering."""
+    if count > MAX_IDENTITIES:  # the draw below would look for a new set for ever
+        raise ClipcoreError(f"the generated domain has at most {MAX_IDENTITIES:,} identities "
+                            f"({PARTS} of {len(KINDS)} shapes x {len(HUES)} colours), asked for "
+                            f"{count:,}")
     rng = np.random.default_rng([seed, 0])
     seen, found = set(), []
     while len(found) < count:

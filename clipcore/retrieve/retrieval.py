@@ -131,7 +131,7 @@ def load_embeddings(path: Path) -> Embeddings:
     keys = list(Embeddings.__dataclass_fields__)
     try:
         data = np.load(path, allow_pickle=False)  # no pickles: names are plain unicode arrays
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # EOF: empty; zip: cut short
         raise ClipcoreError(f"{path}: not a readable embeddings file ({exc})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ClipcoreError(f"{path}: a single array, not an embeddings archive with {keys}")

@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -93,21 +94,16 @@ class History:
     def __init__(self, path: Path, source: str, groupname: str):
         self.path, self.source, self.groupname = Path(path), source, groupname
         self._earlier: list[dict] = []
-        self._held = False
 
     @contextmanager
     def turn(self) -> Iterator[History]:
         """Hold the lock (other runs wait) and read the latest history."""
         with locked(self.path):
-            self._held = True
-            try:
-                key = server_key(self.source)
-                self._earlier = [entry for entry in read_history(self.path)
-                                 if server_key(entry["source"]) == key
-                                 and is_group(entry.get("group_sha256", ""), self.groupname)]
-                yield self
-            finally:
-                self._held = False
+            key = server_key(self.source)
+            self._earlier = [entry for entry in read_history(self.path)
+                             if server_key(entry["source"]) == key
+                             and is_group(entry.get("group_sha256", ""), self.groupname)]
+            yield self
 
     def answer(self, digest: str) -> dict | None:
         """The latest valid answer to this ranking."""
@@ -129,18 +125,22 @@ class History:
 
     def record(self, row: Mapping) -> None:
         """Append one row made by `row`, under the lock; on disk before returning."""
-        if self._held:
-            append_history(self.path, [row])
-        else:
-            with locked(self.path):
-                append_history(self.path, [row])
+        append_history(self.path, [row])
+
+
+_held = threading.local()  # .held: the lock files this thread holds (locked() nests)
 
 
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock on `path` for writers and readers that decide from it (a .lock file
-    beside it; flock, released when the process ends however it ends)."""
+    beside it; flock, released when the process ends however it ends). Taken again by the
+    thread that holds it (a turn that records), it is already held."""
     lock = Path(f"{path}.lock")
+    held = _held.__dict__.setdefault("held", set())
+    if os.path.abspath(lock) in held:
+        yield
+        return
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock, "a")
@@ -153,7 +153,11 @@ def locked(path: Path) -> Iterator[None]:
         except BlockingIOError:
             print(f"waiting for another run using {path}", flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+        held.add(os.path.abspath(lock))
+        try:
+            yield
+        finally:
+            held.discard(os.path.abspath(lock))
 
 
 def read_history(path: Path) -> list[dict]:
@@ -187,9 +191,15 @@ def csv_line(row: Mapping) -> str:
 
 def append_history(path: Path, rows: list[Mapping]) -> None:
     """Add rows to the history (the header first when it is new), never rewriting what is
-    there; on disk before returning. A write that fails (a full disk) is taken back whole."""
+    there; on disk before returning. A write that fails (a full disk) is taken back whole.
+    Under the lock: two runs creating the file at once would each see it empty and write a
+    header."""
     path = Path(path)
-    text = "".join(csv_line(row) for row in rows).encode("utf-8")
+    with locked(path):
+        _append(path, "".join(csv_line(row) for row in rows).encode("utf-8"))
+
+
+def _append(path: Path, text: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)

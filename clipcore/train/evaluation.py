@@ -11,7 +11,9 @@ from clipcore.model.factory import FineTunedCLIP
 from clipcore.train.splits import BackboneFeatures, Split
 from clipcore.train.validation import train_joins_gallery, validation_metrics
 
-VALIDATION_COLUMNS = ("top1", "top5", "top10", "score", "precision_at_k", "map_at_k",
+# k: the cut-off precision@k and mAP@k were measured at, train.val_top_k or, where that is beyond
+# the val gallery, the gallery's size (for the stage's label; not a CSV column).
+VALIDATION_COLUMNS = ("top1", "top5", "top10", "score", "precision_at_k", "map_at_k", "k",
                       "val_queries", "val_unmatched")
 BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (embeddings, labels) -> loss
 

@@ -335,3 +335,53 @@ def test_changed_pixels_under_the_same_names_stop_a_resume_naming_them(tmp_path,
     image(root / "train" / "dog" / "dog_1.png", shade=1)  # back as it was
     run(root, params.data)
     check_compatible(stored, {}, run_settings(params, out))
+
+
+def test_a_linked_class_folder_is_read(tmp_path, data, capsys):
+    """Before: `train/dog -> elsewhere` was reported as a class folder holding no readable image
+    (Path.rglob does not enter linked folders). A link to a folder above ends, not loops."""
+    root = make_root(tmp_path, {"cat": 2, "dog": 2})
+    shutil.move(root / "train/dog", tmp_path / "dog_photos")
+    (root / "train/dog").symlink_to(tmp_path / "dog_photos", target_is_directory=True)
+    (root / "train/cat/again").symlink_to(root / "train", target_is_directory=True)
+    out, report = run(root, data)
+    train = read_manifest(out, "train")
+    assert sorted(train["path"]) == ["train/cat/cat_0.png", "train/cat/cat_1.png",
+                                     "train/dog/dog_0.png", "train/dog/dog_1.png"]
+    assert report.skipped == []
+    # DVC (3.67) hashes data.root without entering the linked folder: said once.
+    assert (f"warning: {root / 'train/cat/again'} is a link to a folder (and 1 more): prepare "
+            f"reads it, but DVC does not look inside linked folders") in capsys.readouterr().err
+
+
+def test_composed_and_decomposed_forms_of_a_name_are_one_name(tmp_path, data):
+    """Before: "café.png" stored decomposed (e + U+0301, as macOS writes it) and typed composed
+    in test_labels.csv stopped prepare: "names unknown test file query/café.png"."""
+    decomposed, composed = "cafe\u0301.png", "caf\u00e9.png"
+    root = make_root(tmp_path, {"cat": 1, "dog": 1}, query=(decomposed, "q1.jpg"))
+    write_labels(root, [("query", composed, "cat"), ("query", "q1.jpg", "dog"),
+                        ("gallery", "g0.png", "dog"), ("gallery", "g1.png", "cat")])
+    out, report = run(root, data)
+    assert report.labelled
+    assert labels_by_name(read_manifest(out, "query")) == {decomposed: "cat", "q1.jpg": "dog"}
+    (root / "test_labels.csv").unlink()
+    image(root / "test/gallery" / composed)  # looks the same as the query's name: refused
+    with pytest.raises(ClipcoreError, match="same file name as test/query/"):
+        run(root, data)
+
+
+def test_exif_orientation_is_honoured(tmp_path, data):
+    """A phone's photo: pixels stored sideways, an EXIF Orientation tag saying how to turn them.
+    Before, the tag was ignored: training, embedding and the pictures saw the photo sideways."""
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))
+    stored.paste((0, 0, 255), (20, 0, 40, 20))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: shown turned 90 degrees clockwise
+    path = tmp_path / "phone.jpg"
+    stored.save(path, quality=95, exif=exif)
+    with Image.open(path) as written:
+        assert written.getexif()[0x0112] == 6 and written.size == (40, 20)
+    upright = np.asarray(load_rgb(path)).astype(int)
+    assert upright.shape == (40, 20, 3)  # 20 wide, 40 high
+    assert (abs(upright[5, 10] - (255, 0, 0)) < 40).all()  # red on top
+    assert (abs(upright[35, 10] - (0, 0, 255)) < 40).all()  # blue below

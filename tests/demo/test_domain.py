@@ -44,6 +44,14 @@ def test_identities_are_distinct_and_the_same_for_one_seed():
     assert identities(20, seed=1) == table[:20]  # a number names the same identity in any root
 
 
+@pytest.mark.timeout(60)
+def test_more_identities_than_the_domain_holds_is_one_line_not_a_hang():
+    """Before: identities(17_297) looked for a new set of coloured shapes for ever."""
+    with pytest.raises(ClipcoreError, match=r"^the generated domain has at most 17,296 "
+                                            r"identities .*asked for 17,297$"):
+        identities(17_297, seed=0)
+
+
 def test_renderings_differ_more_than_two_photos_of_one_identity():
     identity = identities(1, seed=0)[0]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from conftest import write_face_root
-from test_workflow import SMOKE, dvc, new_project, stages_run
+from dvc_project import SMOKE, dvc, new_project, stages_run
 
 from clipcore import paths
 
@@ -20,7 +20,7 @@ def test_crop_stage_runs_once_and_a_rerun_does_nothing(tmp_path):
     new_project(project, {**SMOKE, "data.root": "data/faces", "data.crop": "face",
                           "data.val_fraction": 0.0})
     first = dvc(project, "repro", "crop")
-    assert stages_run(first) == ["prepare", "crop"]
+    assert stages_run(first) == ["check_params", "prepare", "crop"]
     report = pd.read_csv(project / paths.CROP_REPORT)
     assert report.groupby("split")["face"].sum().to_dict() == {"gallery": 2, "query": 2, "train": 4}
     assert stages_run(dvc(project, "repro", "crop")) == []

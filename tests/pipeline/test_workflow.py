@@ -18,7 +18,8 @@ from dvc_project import SMOKE, digest, dvc, git, new_project, set_params
 
 from clipcore.model.checkpoint import load_model
 
-PIPELINE = ["demo", "prepare", "crop", "train", "embed", "retrieve", "submit", "best", "report"]
+PIPELINE = ["check_params", "demo", "prepare", "crop", "train", "embed", "retrieve", "submit",
+            "best", "report"]
 
 pytestmark = pytest.mark.timeout(900)  # real dvc runs: several minutes on a busy 2-core machine
 
@@ -98,13 +99,15 @@ def test_workflow(project: Path, remote: Path, tmp_path: Path):
 
     # 3. A retrieve param reruns retrieve and the stages after it (submit, best, report) only; a
     # report param the report alone (no retraining); a train param reruns train onwards.
+    # Every edit of params.yaml is checked first (check_params), and reruns nothing else for it.
     set_params(project, {"retrieve.top_k": 20})
-    assert stages_run(dvc(project, "repro")) == ["retrieve", "submit", "best", "report"]
-    set_params(project, {"report.worst_queries": 3})
-    assert stages_run(dvc(project, "repro")) == ["report"]
-    set_params(project, {"retrieve.top_k": 10, "train.epochs": 3})
-    assert stages_run(dvc(project, "repro")) == ["train", "embed", "retrieve", "submit", "best",
+    assert stages_run(dvc(project, "repro")) == ["check_params", "retrieve", "submit", "best",
                                                  "report"]
+    set_params(project, {"report.worst_queries": 3})
+    assert stages_run(dvc(project, "repro")) == ["check_params", "report"]
+    set_params(project, {"retrieve.top_k": 10, "train.epochs": 3})
+    assert stages_run(dvc(project, "repro")) == ["check_params", "train", "embed", "retrieve",
+                                                 "submit", "best", "report"]
     git(project, "add", "-A")
     git(project, "commit", "-qm", "run: 3 epochs")
 

@@ -3,6 +3,7 @@ metrics, pictures, unknown labels, stale embeddings, and the stage script itself
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -223,16 +224,32 @@ def test_stale_embeddings_are_refused_before_any_output_changes(project, params_
 @pytest.mark.parametrize("content, message", [
     (b"not an npz", "not a readable embeddings file"),
     (None, "no gallery_names array"),
+    ("truncated", r"not a readable embeddings file \(File is not a zip file\)"),  # was BadZipFile
+    (b"", "not a readable embeddings file"),  # was EOFError
 ])
 def test_broken_embeddings_name_the_file(project, params_factory, content, message):
     target = paths.embeddings_path(1)
-    if content is None:
+    if content == "truncated":  # a copy or a disk that stopped half-way
+        target.write_bytes(target.read_bytes()[:len(target.read_bytes()) // 2])
+    elif content is None:
         np.savez(target, query=np.zeros((3, 3)), gallery=np.zeros((4, 3)),
                  query_names=np.array(QUERIES))
     else:
         target.write_bytes(content)
     with pytest.raises(ClipcoreError, match=rf"epoch_1\.npz: .*{message}"):
         run(params_factory, project)
+
+
+def test_a_stray_copy_beside_the_epoch_files_is_no_epoch(project, params_factory):
+    """Before: `epoch_1 (copy).npz` or `model_epoch_1 (copy).pt` stopped the stage with
+    ValueError: no epoch number in the file name."""
+    shutil.copy(paths.embeddings_path(1), paths.EMBEDDINGS / "epoch_1 (copy).npz")
+    model = build_model(params_factory({"model.name": "tiny", "model.pretrained": "none"}).model)
+    for epoch in range(2):
+        save_model(model, paths.model_path(epoch), backbone_trained=False, epoch=epoch)
+    shutil.copy(paths.model_path(1), paths.ALL_WEIGHTS / "model_epoch_1 (copy).pt")
+    report = run(params_factory, project)
+    assert report.results == [paths.results_path(0), paths.results_path(1)]
 
 
 def test_embeddings_missing_for_some_model_files_are_refused(project, params_factory):

@@ -21,9 +21,12 @@ from conftest import REPO, write_params
 
 from clipcore.errors import ClipcoreError
 from clipcore.submit.history import (
+    COLUMNS,
     HISTORY_VARIABLE,
     UNANSWERED,
+    append_history,
     history_path,
+    locked,
     read_history,
 )
 from clipcore.submit.submission import REUSED, submit_all
@@ -250,3 +253,27 @@ def test_the_history_is_the_users_and_its_path_must_be_absolute(tmp_path):
     assert history_path({HISTORY_VARIABLE: str(tmp_path / "h.csv")}) == tmp_path / "h.csv"
     with pytest.raises(ClipcoreError, match="CLIPCORE_SUBMIT_HISTORY='h.csv': give an absolute"):
         history_path({HISTORY_VARIABLE: "h.csv"})
+
+
+
+def test_a_new_history_gets_its_header_under_the_lock(tmp_path):
+    """Before: append_history wrote without the lock, so two runs creating the file at once could
+    each see it empty and write a header (the second then read as a broken entry on every run).
+    Now a writer waits for the lock, and the first row's header goes in under it."""
+    path = tmp_path / "submission_history.csv"
+    row = {"submitted_at": "2026-12-07T10:00:00+00:00", "epoch": 0, "accuracy": 42.0,
+           "source": "http://127.0.0.1:1/", "group_sha256": "", "status": "ok", "attempts": 1,
+           "ranking_sha256": "0" * 64}
+    writers = [threading.Thread(target=append_history, args=(path, [{**row, "epoch": epoch}]))
+               for epoch in (1, 2)]
+    with locked(path):  # another run's turn
+        for writer in writers:
+            writer.start()
+        time.sleep(0.5)
+        assert not path.exists()  # both wait for the lock
+        append_history(path, [row])  # the holder records (the lock nests for it)
+    for writer in writers:
+        writer.join(timeout=30)
+    lines = path.read_text().splitlines()
+    assert lines[0] == ",".join(COLUMNS) and len(lines) == 4
+    assert sorted(entry["epoch"] for entry in read_history(path)) == [0, 1, 2]

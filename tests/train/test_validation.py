@@ -3,12 +3,22 @@ can find a positive, perfect embeddings score 1000, and queries without any posi
 not scored 0."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+from conftest import write_params
 from tests.data.test_manifests import make_root, run
 
+from clipcore import paths
 from clipcore.data.manifests import read_manifest
 from clipcore.train.validation import validation_metrics
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def perfect_embeddings(labels) -> np.ndarray:
@@ -66,3 +76,22 @@ def test_queries_without_a_positive_are_counted_not_scored():
 def test_no_query_with_a_positive_gives_counts_only():
     measures = validation_metrics(perfect_embeddings(["a", "b"]), np.array(["a", "b"]), 10)
     assert measures == {"val_queries": 0, "val_unmatched": 2}
+
+
+def test_a_val_top_k_beyond_the_gallery_is_labelled_with_what_was_measured(tmp_path, prepared_demo):
+    """Before: train.val_top_k 100000 printed "val precision@100000" for a measure taken at the
+    val gallery's size."""
+    root, prepared = prepared_demo
+    shutil.copytree(prepared, tmp_path / paths.PREPARED)
+    write_params(tmp_path, {"model.name": "tiny", "model.pretrained": "none", "train.epochs": 0,
+                            "train.num_workers": 0, "train.val_top_k": 100_000,
+                            "data.root": str(root), "data.val_split": "image"})
+    done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, text=True,
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Image split: the training images join the val gallery; a query never retrieves itself.
+    gallery = sum(len(read_manifest(prepared, split)) for split in ("train", "val")) - 1
+    assert f"val precision@{gallery} " in done.stdout
+    assert "train.val_top_k=100000 is beyond the val gallery" in done.stdout
+    assert "precision@100000" not in done.stdout
