@@ -111,7 +111,7 @@ class Trainer:
         # Val batches for val_loss: one fixed shuffle, so batches mix classes as in training.
         self.val_order = torch.randperm(len(self.val_split.paths),
                                         generator=torch.Generator().manual_seed(params.seed))
-        self.features = BackboneFeatures(self.model, self.world, params.train.batch_size,
+        self.features = BackboneFeatures(self.model, self.world, params.embed.batch_size,
                                          params.train.num_workers)
         # Images (frozen: stored features) to embeddings; DDP with several processes.
         self.embed = self.world.trained(self.model, self.loss, self.frozen)
