@@ -30,12 +30,18 @@ def check_train(frozen: bool) -> Callable[[Machine], Result]:
     return check
 
 
-def check_embed(machine: Machine) -> Result:
-    """The frozen runs' embeddings of every model file: cosine >= 0.99 per image."""
-    lowest = lowest_cosine(trained(machine, True, embed=True),
-                           trained(machine, True, fp32=True, embed=True))
-    return (lowest >= 0.99, f"lowest cosine {lowest:.5f} (>= 0.99){_no_bf16(machine)}",
-            {"lowest_cosine": lowest})
+def check_embed(frozen: bool) -> Callable[[Machine], Result]:
+    """The runs' embeddings of every model file (epochs 0-2), bf16 against fp32: cosine per
+    image >= 0.99 frozen (one backbone, two precisions), >= 0.98 unfrozen (two trainings, whose
+    backbones drift apart a little more each step)."""
+    bar = 0.99 if frozen else 0.98
+
+    def check(machine: Machine) -> Result:
+        lowest = lowest_cosine(trained(machine, frozen, embed=True),
+                               trained(machine, frozen, fp32=True, embed=True))
+        return (lowest >= bar, f"lowest cosine {lowest:.5f} (>= {bar}){_no_bf16(machine)}",
+                {"lowest_cosine": lowest})
+    return check
 
 
 def check_processes(machine: Machine) -> Result:

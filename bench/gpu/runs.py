@@ -85,11 +85,17 @@ def stage(machine: Machine, folder: Path, name: str, fp32: bool = False) -> None
     log = machine.logs / f"{folder.name}_{name}.log"
     with open(log, "w") as out:
         done = subprocess.run(command, cwd=folder, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              env={**os.environ, "PYTHONPATH": python_path()})
     if done.returncode:
         lines = log.read_text().strip().splitlines()
         raise RuntimeError(f"stages.{name} in {folder.name} failed "
                            f"({log.name}): {lines[-1] if lines else done.returncode}")
+
+
+def python_path() -> str:
+    """The repository first, then the caller's PYTHONPATH: on the GPU machine the carried
+    wheels are installed there (docs/gpu.md), and every stage needs them."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 def trained(machine: Machine, frozen: bool, fp32: bool = False, processes: int = 1,
