@@ -1,30 +1,32 @@
 """The one check to run on a GPU machine: does clipcore work there, does bf16 agree with fp32,
-and what limits its speed. About 5 minutes on one H100; each check prints PASS, FAIL, INFO (a
-rate, no verdict) or SKIP with its numbers, the next check runs whatever happened, and the exit
-status is 1 when any failed.
+and what limits its speed. Meant to take at most 6 minutes on one H100 (not yet measured: no
+GPU has run it); each check prints PASS, FAIL, INFO (a rate, no verdict) or SKIP with its
+numbers, the next check runs whatever happened, and the exit status is 1 when any failed.
 
     python bench/gpu_check.py --out $OUT/gpu_check   # on the GPU machine (docs/gpu.md)
     python bench/gpu_check.py --quick                # here, on the CPU: the reduced form
 
-Runs go through the stages' own code (`python -m stages.train`, `stages.embed`) in temporary
-folders, on the digits demo with dropout 0 and no augmentation; with CUDA the model is ViT-B-32
-itself from random init (there are no weights there), on the CPU the tiny model:
+Runs go through the stages' own code (`python -m stages.train`, `stages.embed`) in a temporary
+folder (deleted at the end; the logs and summary.json stay in --out), on the digits demo with
+dropout 0 and no augmentation; with CUDA the model is ViT-B-32 itself from random init (there
+are no weights there), on the CPU the tiny model:
 
 1-2. train frozen and unfrozen, 2 epochs: bf16 autocast against fp32 (autocast and TF32 off,
      bench/gpu/fp32_stage.py) on the same GPU: every epoch's train and val loss within 2% and
      val score within 25 points (of 1000).
-3.   embed, every model file of those runs: bf16 against fp32 embeddings, cosine per image
+3-4. embed, every model file of those runs: bf16 against fp32 embeddings, cosine per image
      >= 0.99 frozen, >= 0.98 unfrozen (two trainings drift apart).
-4.   two processes against one (frozen train and embed): NCCL on 2+ GPUs, gloo without CUDA;
+5.   two processes against one (frozen train and embed): NCCL on 2+ GPUs, gloo without CUDA;
      skipped on one GPU (NCCL needs a GPU per process) and with --quick.
-5.   resume: the unfrozen run stopped after epoch 1 and resumed, its optimizer state loaded back
+6.   resume: the unfrozen run stopped after epoch 1 and resumed, its optimizer state loaded back
      onto the device, ends as the run that never stopped (losses 1e-3, CPU 1e-4).
-6-8. speed on realistic JPEGs made here (250x250 and 1024x768; bench/gpu/speed.py): GPU only
+7-9. speed on realistic JPEGs made here (250x250 and 1024x768; bench/gpu/speed.py): GPU only
      (ready tensors, warmed up, batch 64 to 512), loader only (8 against all workers, float32
-     against uint8), and the pipeline's own (unfrozen train, embed's feature pass), with its
-     share of the GPU-only rate at batch 64 (goal >= 0.7).
+     against uint8), and the pipeline's own (unfrozen train with the default augmentation,
+     embed's feature pass), with its share of the GPU-only rate at batch 64 (goal >= 0.7).
 
-Without CUDA the bf16 checks compare the CPU's fp32 run with itself (the plumbing only).
+Without CUDA the bf16 checks compare fp32_stage.py with the plain stage (the plumbing only:
+they must agree exactly).
 """
 from __future__ import annotations
 
