@@ -68,7 +68,10 @@ CHECKS = [
 def nvidia_smi_sees_a_gpu() -> bool:
     if shutil.which("nvidia-smi") is None:
         return False
-    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:  # a GPU whose driver hangs: CUDA required, said at once
+        return True
     return listed.returncode == 0 and "GPU" in listed.stdout
 
 
