@@ -87,7 +87,7 @@ def parse_args() -> argparse.Namespace:
                              "(default: on when nvidia-smi lists a GPU)")
     parser.add_argument("--quick", action="store_true",
                         help="the reduced form: tiny model, three digits, fewer photos and "
-                             "steps, no 2-process run (seconds on a CPU; the tests run it)")
+                             "steps, no 2-process run (about a minute on 2 CPU cores; the tests run it)")
     return parser.parse_args()
 
 
