@@ -47,10 +47,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clipcore.model.features import device_note  # noqa: E402
-from clipcore.stage import first_line  # noqa: E402
 from gpu import checks, speed  # noqa: E402 - bench/gpu, beside this script
 from gpu.runs import Machine, write_data  # noqa: E402
+
+from clipcore.model.features import device_note  # noqa: E402
+from clipcore.stage import first_line  # noqa: E402
 
 CHECKS = [
     ("train frozen, bf16 against fp32", checks.check_train(frozen=True)),

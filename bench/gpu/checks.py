@@ -5,7 +5,7 @@ check that was skipped or only reports."""
 from __future__ import annotations
 
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import yaml
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -78,42 +79,50 @@ def _rate(step, images: int, steps: int, device: torch.device) -> float:
 
 
 def check_gpu_only(machine: Machine) -> Result:
-    model, scale = _model(machine), _scale(machine)
+    rates = _gpu_only_rates(_model(machine), _scale(machine))
+    machine.runs["gpu_only"] = rates
+    cuda = machine.device == "cuda"
+    if cuda:  # the model is gone: the stages that follow run in processes of their own
+        torch.cuda.empty_cache()
+    peak = f"; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
+    words = "; ".join(f"{kind} " + ", ".join(f"{b}: {r:.0f}" for b, r in by_batch.items())
+                      for kind, by_batch in rates.items())
+    return None, f"{_name(machine)} images/s by batch: {words}{peak}", rates
+
+
+def _gpu_only_rates(model, scale: dict) -> dict[str, dict[int, float]]:
+    """Training steps (the visual tower and head, fused AdamW on CUDA, a cross-entropy over
+    fixed random class directions) and inference passes on random images already on the
+    device, per batch."""
     device, side = model.clip.logit_scale.device, model.clip.visual.image_size[0]
     model.set_backbone_trainable(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-6, **({"fused": True} if trainable[0].is_cuda
-                                                          else {}))
+    optimizer = torch.optim.AdamW(trainable, lr=1e-6,
+                                  **({"fused": True} if trainable[0].is_cuda else {}))
     classes = F.normalize(torch.randn(10, model.embed_dim, device=device), dim=-1)
+
+    def train_step(images: torch.Tensor, targets: torch.Tensor) -> None:
+        with autocast(device):
+            loss = F.cross_entropy(100 * model(images).float() @ classes.T, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def embed_step(images: torch.Tensor) -> None:
+        with torch.inference_mode(), autocast(device):
+            model.backbone_features(images)
+
     rates = {"train": {}, "embed": {}}
     for batch in scale["batches"]:
         images = torch.randn(batch, 3, side, side, device=device)
         targets = torch.arange(batch, device=device) % 10
-
-        def train_step():
-            with autocast(device):
-                loss = F.cross_entropy(100 * model(images).float() @ classes.T, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        def embed_step():
-            with torch.inference_mode(), autocast(device):
-                model.backbone_features(images)
-
         model.train()
-        rates["train"][batch] = _rate(train_step, batch, scale["steps"], device)
+        rates["train"][batch] = _rate(partial(train_step, images, targets), batch,
+                                      scale["steps"], device)
         model.eval()
-        rates["embed"][batch] = _rate(embed_step, batch, scale["steps"], device)
-    machine.runs["gpu_only"] = rates
-    del model, optimizer  # the stages that follow run in processes of their own: free the GPU
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    peak = (f"; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-            if device.type == "cuda" else "")
-    words = "; ".join(f"{kind} " + ", ".join(f"{b}: {r:.0f}" for b, r in by_batch.items())
-                      for kind, by_batch in rates.items())
-    return None, f"{_name(machine)} images/s by batch: {words}{peak}", rates
+        rates["embed"][batch] = _rate(partial(embed_step, images), batch, scale["steps"],
+                                      device)
+    return rates
 
 
 def uint8_transform(preprocess: Compose) -> Compose:
@@ -159,7 +168,7 @@ def check_loader(machine: Machine) -> Result:
 def check_pipeline(machine: Machine) -> Result:
     rates, batch = {}, _scale(machine)["batches"][0]  # 64 (--quick: 8)
     for size in SIZES:
-        folder, images = _photos(machine, size)
+        folder, _ = _photos(machine, size)
         run = project(machine, f"pipeline_{size}", {
             "train.device": machine.device, "train.freeze_backbone": False, "train.epochs": 2,
             "train.batch_size": batch, "train.keep_checkpoints": 1,
