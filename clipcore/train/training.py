@@ -157,7 +157,7 @@ class Trainer:
         with tqdm(total=sum(map(len, plan)), unit="img",
                   desc=f"epoch {epoch}/{train.epochs}") as bar:
             for step, (batch, (inputs, index)) in enumerate(zip(plan, batches), start=1):
-                # Pinned (the loader's) or already there: no wait for the device (item 3e).
+                # Pinned (the loader's) or already on the device: no wait for the device here.
                 index = index.to(self.device, non_blocking=True)
                 labels = self.train_split.labels[index]
                 with autocast(self.device):
