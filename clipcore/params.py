@@ -176,6 +176,8 @@ class LossParams:
 
 @dataclass(frozen=True)
 class EmbedParams:
+    # The inference batch: embed's and training's backbone-feature passes (frozen features,
+    # validation); no gradients, so larger than train.batch_size.
     batch_size: int = checked(ge=1)
     num_workers: int | str = checked(ge=0, auto=True)  # auto: features.loader_workers
     wise_ft_alpha: float = checked(ge=0.0, le=1.0)

@@ -45,7 +45,7 @@ def _val_loss(embeddings: torch.Tensor, labels: torch.Tensor, batch_loss: BatchL
               order: torch.Tensor, batch_size: int) -> float:
     # Summed on the device and read once: a read per batch would make a GPU wait on the host.
     total = torch.zeros((), dtype=torch.float64, device=embeddings.device)
-    for index in order.split(batch_size):
-        index = index.to(embeddings.device)
+    # The order on the device in one copy: a host index per batch would be a wait per batch.
+    for index in order.to(embeddings.device).split(batch_size):
         total += batch_loss(embeddings[index], labels[index]).double() * len(index)
     return total.item() / len(labels)

@@ -118,7 +118,7 @@ class Trainer:
         # Val batches for val_loss: one fixed shuffle, so batches mix classes as in training.
         self.val_order = torch.randperm(len(self.val_split.paths),
                                         generator=torch.Generator().manual_seed(params.seed))
-        self.features = BackboneFeatures(self.model, self.world, params.train.batch_size,
+        self.features = BackboneFeatures(self.model, self.world, params.embed.batch_size,
                                          params.train.num_workers)
         # Images (frozen: stored features) to embeddings; DDP with several processes.
         self.embed = self.world.trained(self.model, self.loss, self.frozen)
@@ -151,8 +151,7 @@ class Trainer:
         shares = self.world.shard_batches(plan)
         if self.frozen:
             features = self.features(self.train_split)
-            batches = ((features[index], index)
-                       for index in (torch.as_tensor([i for i, _ in share]) for share in shares))
+            batches = ((features[index], index) for index in self._device_shares(shares))
         else:
             batches = image_loader(
                 SeededImages(self.train_split.paths, self.model.train_transform(train.augment)),
@@ -166,7 +165,9 @@ class Trainer:
         with tqdm(total=sum(map(len, plan)), unit="img",
                   desc=f"epoch {epoch}/{train.epochs}") as bar:
             for step, (batch, (inputs, index)) in enumerate(zip(plan, batches), start=1):
-                labels = self.train_split.labels[index.to(self.device)]
+                # Pinned (the loader's) or already on the device: no wait for the device here.
+                index = index.to(self.device, non_blocking=True)
+                labels = self.train_split.labels[index]
                 with autocast(self.device):
                     inputs = inputs.to(self.device, non_blocking=True)
                     embeddings = self.embed(inputs)
@@ -214,6 +215,15 @@ class Trainer:
             unfreezing.unlock(self.model, self.params.train)
         self.features.backbone_changed()
         self.embed = self.world.trained(self.model, self.loss, self.frozen)
+
+    def _device_shares(self, shares) -> list[torch.Tensor]:
+        """This process's image positions of each step, on the device in one copy per epoch: a
+        host index per step would make the GPU wait for the host every step (copy, then index
+        the stored features)."""
+        shares = [[i for i, _ in share] for share in shares]
+        flat = torch.as_tensor([i for share in shares for i in share], dtype=torch.long,
+                               device=self.device)
+        return list(flat.split([len(share) for share in shares]))
 
     def evaluate(self, epoch: int, started: float) -> dict:
         """The epoch's metric row (clipcore.train.evaluation) with the model as it is now."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from conftest import write_face_root
-from dvc_project import SMOKE, dvc, new_project, stages_run
+from dvc_project import SMOKE, dvc, new_project
+from test_workflow import stages_run
 
 from clipcore import paths
 

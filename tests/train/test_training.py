@@ -224,6 +224,48 @@ def test_an_epoch_reads_losses_from_the_device_once_not_every_step(params_factor
     assert len(reads) <= steps // LOSS_SHOWN_EVERY + 3
 
 
+@contextlib.contextmanager
+def host_to_device_copies():
+    """Where clipcore.train makes a tensor from host data (torch.tensor, torch.as_tensor) or
+    copies one with a blocking .to(): on a GPU each is a copy the host waits for (and indexing a
+    device tensor with a host index makes one too), so per training step they would stall it."""
+    copies = []
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("tensor", "as_tensor"):
+            def making(*args, _original=getattr(torch, name), _name=name, **kwargs):
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                if caller.startswith("clipcore.train"):
+                    copies.append(f"{caller} torch.{_name}()")
+                return _original(*args, **kwargs)
+            patch.setattr(torch, name, making)
+
+        def moving(self, *args, _original=torch.Tensor.to, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("clipcore.train") and not kwargs.get("non_blocking"):
+                copies.append(f"{caller} .to()")
+            return _original(self, *args, **kwargs)
+        patch.setattr(torch.Tensor, "to", moving)
+        yield copies
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "unfrozen"])
+def test_a_training_step_waits_for_no_host_copy(params_factory, prepared_demo, frozen):
+    """Before, every step copied its image positions to the device and waited (frozen: indexing
+    the stored features with a host index, then the labels with a blocking .to()); now the
+    epoch's positions go in one copy (frozen) or come pinned from the loader (unfrozen), and
+    val_loss copies its batch order once, not per batch."""
+    trainer = Trainer(params_factory({**FROZEN, "train.batch_size": 16,
+                                      "train.freeze_backbone": frozen}), *prepared_demo)
+    trainer.start()
+    with host_to_device_copies() as copies:
+        trainer.train_epoch(1)
+    steps = len(trainer.batches)
+    print(f"{steps} steps, {len(copies)} host-to-device copies: {copies}")
+    assert steps > 10
+    # Once per epoch: the frozen epoch's positions; validation's val_loss order.
+    assert len(copies) <= 2
+
+
 def test_damaged_newest_checkpoint_falls_back(frozen_run, tmp_path, prepared_demo, capsys):
     folder, params, history = frozen_run
     shutil.copytree(folder / paths.CHECKPOINTS, tmp_path / paths.CHECKPOINTS)
