@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from test_workflow import REPO, dvc, new_project, set_params
+from conftest import REPO
+from dvc_project import dvc, new_project, set_params
 
 pytestmark = pytest.mark.timeout(600)
 STAGES = ["check_params", "demo", "prepare"]  # the cheap head of dvc.yaml: the rest follows prepare
