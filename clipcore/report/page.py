@@ -79,6 +79,11 @@ def write_report(report: ReportParams, data_root: Path, prepared: Path = paths.P
     if unknown:
         raise ClipcoreError(f"{paths.BEST_RESULTS}: {unknown[0]} is in no manifest of {prepared} "
                             f"(stale results: run `dvc repro`)")
+    queries = {PurePosixPath(p).name for p in query["path"]}
+    mixed = next(((q, m) for q, matches in ranking.items() for m in matches if m in queries), None)
+    if mixed:  # the page looks a match up among the gallery's labels
+        raise ClipcoreError(f"{paths.BEST_RESULTS}: {mixed[1]}, a query, is listed as a match of "
+                            f"{mixed[0]}; matches are gallery images (results made elsewhere?)")
     labels = labels_by_name(query), labels_by_name(gallery)
     thumbnails = Thumbnails(images)
     best = summary["epoch"]

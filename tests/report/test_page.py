@@ -258,3 +258,13 @@ def test_stages_compare_with_the_params_committed_in_git(project):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip() == (f"error: {paths.TRAINING_METRICS_CSV}: not found "
                                    f"(run `dvc repro train`)")
+
+
+def test_a_query_listed_as_a_match_is_named(project, params_factory):
+    """Before: KeyError: 'q1.png' (the page looked the match up among the gallery's labels)."""
+    params = params_factory()
+    write_best(params)
+    paths.BEST_RESULTS.write_text(json.dumps({**BEST_RANKING, "q0.png": ["q1.png", "g0.png"]}))
+    with pytest.raises(ClipcoreError, match=r"retrieval_results\.json: q1\.png, a query, is listed "
+                                            r"as a match of q0\.png; matches are gallery images"):
+        write_report(params.report, project / "data" / "root")
