@@ -28,8 +28,8 @@ SPLITS = ("val", "query", "gallery")
 
 
 def arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m clipcore.fuse", description=__doc__.split(
-        "\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m clipcore.fuse", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", type=Path, required=True, help="model files")
     parser.add_argument("--image-roots", nargs="+", type=Path,
                         help="each member's image root (default: data.root for all)")

@@ -85,8 +85,8 @@ def save_soup(model: FineTunedCLIP, tower: bool, members: Sequence[Path], path: 
 
 
 def arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m clipcore.soup", description=__doc__.split(
-        "\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m clipcore.soup", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", type=Path, required=True,
                         help="model files of runs fine-tuned from one base")
     parser.add_argument("--greedy", action="store_true",
