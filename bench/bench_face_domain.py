@@ -51,7 +51,7 @@ from clipcore import paths  # noqa: E402
 from clipcore.crop.cropping import crop_all  # noqa: E402
 from clipcore.data.manifests import prepare, read_manifest  # noqa: E402
 from clipcore.demo.digits import clear_demo_folder, hex_name, write_test_labels  # noqa: E402
-from clipcore.demo.domain import _background, _photo_finish  # noqa: E402
+from clipcore.demo.domain import background, photo_finish  # noqa: E402
 from clipcore.ranking.measures import SCORE_WEIGHTS, competition_score  # noqa: E402
 from clipcore.retrieve.fusion import choose_weights, embed_images, fused_vectors  # noqa: E402
 
@@ -97,7 +97,7 @@ def photo_like(face: Image.Image, photos: list[Image.Image], rng: np.random.Gene
     x = int(rng.integers(0, photo.width - CANVAS + 1))
     y = int(rng.integers(0, photo.height - CANVAS + 1))
     canvas = photo.crop((x, y, x + CANVAS, y + CANVAS))
-    return _photo_finish(paste(canvas, face, rng), rng)
+    return photo_finish(paste(canvas, face, rng), rng)
 
 
 def stylised(face: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -110,7 +110,7 @@ def stylised(face: Image.Image, rng: np.random.Generator) -> Image.Image:
     big = drawn.resize((100, 100), Image.Resampling.NEAREST)
     edges = big.convert("L").filter(ImageFilter.FIND_EDGES).point(lambda v: 255 if v > 60 else 0)
     big.paste((20, 20, 20), (0, 0), edges)
-    canvas = Image.fromarray(_background(rng, CANVAS, photo=False))
+    canvas = Image.fromarray(background(rng, CANVAS, photo=False))
     return paste(canvas, big, rng)
 
 

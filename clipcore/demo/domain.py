@@ -85,7 +85,7 @@ def draw(identity: Identity, rendering: str, rng: np.random.Generator, size: int
         raise ValueError(f"rendering must be one of {RENDERINGS}, got {rendering!r}")
     photo = rendering == "photo"
     big = size * DRAW_SCALE
-    canvas = Image.fromarray(_background(rng, big, photo))
+    canvas = Image.fromarray(background(rng, big, photo))
     pen = ImageDraw.Draw(canvas)
     angle = rng.uniform(-math.pi / 4, math.pi / 4)
     scale = big * 0.5 * rng.uniform(0.6, 0.95)
@@ -106,7 +106,7 @@ def draw(identity: Identity, rendering: str, rng: np.random.Generator, size: int
             colour = _rgb(part.hue + RENDER_HUE_SHIFT, 1.0, 0.95)
         _shape(pen, part.kind, where, part.size * scale, angle, colour, outline)
     image = canvas.resize((size, size), Image.Resampling.BILINEAR)
-    return _photo_finish(image, rng) if photo else image
+    return photo_finish(image, rng) if photo else image
 
 
 def write_domain(out: Path, train_ids, test_ids, seed: int, *, train_images: int = 5,
@@ -160,7 +160,7 @@ def _rgb(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
     return tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
 
 
-def _background(rng: np.random.Generator, big: int, photo: bool) -> np.ndarray:
+def background(rng: np.random.Generator, big: int, photo: bool) -> np.ndarray:
     """(big, big, 3) uint8: photos a smooth random texture around a random colour; renders a
     flat colour or a two-tone gradient."""
     base = np.array(_rgb(rng.uniform(), rng.uniform(0.05, 0.4), rng.uniform(0.35, 0.9)), float)
@@ -197,7 +197,7 @@ def _shape(pen: ImageDraw.ImageDraw, kind: str, centre, radius: float, angle: fl
                  for cx, cy in corners], fill=colour, outline=outline, width=width)
 
 
-def _photo_finish(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+def photo_finish(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """What a camera adds: a light gradient, a colour cast, sensor noise, a little blur."""
     pixels = np.asarray(image, float)
     size = pixels.shape[0]
