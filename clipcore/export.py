@@ -41,7 +41,7 @@ def main() -> None:
     if args.check_images:
         files = query_files([args.check_images])[:args.check_count]
         ours = trained.embed_files(files, desc="torch")
-        theirs = onnx_embeddings(args.out, trained.model, files)
+        theirs = onnx_embeddings(args.out, trained.model, files, crop=trained.crop)
         cosine = float(np.min((ours * theirs).sum(axis=1)))
         print(f"torch vs onnxruntime on {len(files)} images: lowest cosine {cosine:.6f}")
         if cosine < args.min_cosine:

@@ -33,7 +33,8 @@ def main() -> None:
     index = build_index(trained, args.images, args.out)
     took = time.perf_counter() - start
     print(f"indexed {len(index.names)} images ({index.manifest['dimension']}-d, "
-          f"{index.retrieve.metric}, {index.retrieve.index}) with {trained.file} in {took:.1f} s "
+          f"{index.retrieve.metric}, {index.retrieve.index}) with {trained.file} on "
+          f"{trained.crop.describe()} in {took:.1f} s "
           f"({len(index.names) / took:.1f} images/s) into {args.out}")
 
 

@@ -18,7 +18,7 @@ MAY_IMPORT = {
     "train": {"data", "ranking", "model"},
     "retrieve": {"data", "ranking", "model"},
     "submit": {"data", "ranking"},
-    "inference": {"data", "ranking", "model", "retrieve"},
+    "inference": {"data", "crop", "ranking", "model", "retrieve"},
     "report": {"data", "ranking", "model", "retrieve", "submit"},
 }
 

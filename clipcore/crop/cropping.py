@@ -8,15 +8,17 @@ data.crop none the folder holds an empty report only: every stage reads data.roo
 """
 from __future__ import annotations
 
+import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 from tqdm import tqdm
 
 from clipcore import paths
-from clipcore.crop.faces import crop_face, largest_faces, load_detector
+from clipcore.crop.faces import Face, crop_face, largest_faces, load_detector
 from clipcore.data.images import load_rgb
 from clipcore.data.manifests import read_manifest
 from clipcore.files import write_text_atomic
@@ -26,6 +28,7 @@ SPLITS = ("train", "val", "query", "gallery")
 REPORT_COLUMNS = ["split", "path", "face", "score", "left", "top", "right", "bottom", "angle"]
 CHUNK = 64               # images decoded and detected at a time (memory stays flat)
 JPEG_QUALITY = 95
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -68,16 +71,36 @@ def _crop_split(split: str, relative: list[str], root: Path, out: Path, margin: 
         for start in range(0, len(relative), CHUNK):
             chunk = relative[start:start + CHUNK]
             images = [load_rgb(root / p) for p in chunk]
-            for path, image, face in zip(chunk, images, largest_faces(detector, images)):
+            for path, (crop, face) in zip(chunk, face_or_whole(detector, images, margin)):
                 target = out / path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if face is None:
                     shutil.copyfile(root / path, target)
                     rows.append([split, path, 0, 0.0, None, None, None, None, None])
                     continue
-                crop = crop_face(image, face, margin)
-                crop.save(target, **({"quality": JPEG_QUALITY}
-                                     if target.suffix.lower() in (".jpg", ".jpeg") else {}))
+                crop.save(target, **_save_options(target.suffix))
                 rows.append([split, path, 1, face.score, *face.box, face.angle])
             bar.update(len(chunk))
     return rows
+
+
+def face_or_whole(detector, images: list[Image.Image], margin: float
+                  ) -> list[tuple[Image.Image, Face | None]]:
+    """Each image's face crop and its face, or the image itself and None where there is none."""
+    return [(image if face is None else crop_face(image, face, margin), face)
+            for image, face in zip(images, largest_faces(detector, images))]
+
+
+def as_written(crop: Image.Image, suffix: str) -> Image.Image:
+    """A crop as decoding the file the stage writes for it gives it back: a JPEG's loses what
+    JPEG_QUALITY loses (inference embeds the crops the model trained on, pixel for pixel)."""
+    if suffix.lower() not in JPEG_SUFFIXES:
+        return crop
+    encoded = io.BytesIO()
+    crop.save(encoded, format="JPEG", **_save_options(suffix))
+    encoded.seek(0)
+    return load_rgb(encoded)
+
+
+def _save_options(suffix: str) -> dict:
+    return {"quality": JPEG_QUALITY} if suffix.lower() in JPEG_SUFFIXES else {}

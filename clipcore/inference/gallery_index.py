@@ -2,8 +2,8 @@
 queries. The folder holds the embeddings (embeddings.npy, float32 unit rows), the image names
 (names.json: paths relative to the indexed folder, sorted), the FAISS index of the run's
 `retrieve.index` kind (index.faiss: flat, IVF or HNSW, over unit rows for cosine; other
-programs can `faiss.read_index` it) and manifest.json, written last: the model file's sha256
-and the embed and retrieve params. A query embedded by any other model file is refused: its
+programs can `faiss.read_index` it) and manifest.json, written last: the model file's sha256,
+the embed and retrieve params and the face crop the images were embedded with. A query embedded by any other model file is refused: its
 vectors would live in another space and rank nonsense without an error.
 
 A build embeds in chunks of CHUNK images, each saved under partial/ as it is done: a rerun after
@@ -60,6 +60,13 @@ class GalleryIndex:
                 f"its vectors are from another model; rebuild the index with `python -m "
                 f"clipcore.index --model {trained.file}`")
 
+        # An index from before crops were recorded has none: its model file's setting applies.
+        indexed = self.manifest.get("crop", _crop_record(trained))
+        if indexed != _crop_record(trained):
+            raise ClipcoreError(f"{self.folder}: gallery indexed with {indexed}, but the queries "
+                                f"would be embedded with {_crop_record(trained)} "
+                                f"({trained.crop.source}): rebuild the index")
+
     def search(self, query: np.ndarray, params: RetrieveParams | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """(indices, scores), each (Q, top_k), best first, ranked as retrieve ranks with `params`
@@ -112,7 +119,7 @@ def build_index(trained: TrainedModel, images: Path, out: Path) -> GalleryIndex:
         "format": FORMAT, "model": str(trained.file.resolve()), "model_sha256": trained.sha256,
         "images": str(images.resolve()), "count": len(names), "dimension": int(rows.shape[1]),
         "embed": dataclasses.asdict(trained.embed),
-        "retrieve": dataclasses.asdict(trained.retrieve)}
+        "retrieve": dataclasses.asdict(trained.retrieve), "crop": _crop_record(trained)}
     (out / MANIFEST).unlink(missing_ok=True)  # until the new one: no index that mixes two builds
     write_atomic(out / EMBEDDINGS, lambda f: np.save(f, embeddings))
     write_text_atomic(out / NAMES, json.dumps(names, ensure_ascii=False) + "\n")
@@ -125,7 +132,8 @@ def build_index(trained: TrainedModel, images: Path, out: Path) -> GalleryIndex:
 def _embed_in_chunks(trained: TrainedModel, files: list[Path], names: list[str],
                      partial: Path) -> np.ndarray:
     """The files' embeddings, reusing the chunks a previous build of the same inputs saved."""
-    build = hashlib.sha256(json.dumps([trained.sha256, dataclasses.asdict(trained.embed), names],
+    build = hashlib.sha256(json.dumps([trained.sha256, dataclasses.asdict(trained.embed),
+                                       _crop_record(trained), names],
                                       ensure_ascii=False).encode()).hexdigest()[:16]
     if partial.is_dir() and not (partial / build).is_dir():
         shutil.rmtree(partial)  # chunks of another build: never mixed into this one
@@ -142,6 +150,10 @@ def _embed_in_chunks(trained: TrainedModel, files: list[Path], names: list[str],
             write_atomic(saved, lambda f: np.save(f, rows))
         chunks.append(rows)
     return np.concatenate(chunks)
+
+
+def _crop_record(trained: TrainedModel) -> dict:
+    return {"crop": trained.crop.crop, "crop_margin": trained.crop.margin}
 
 
 def load_index(folder: Path) -> GalleryIndex:

@@ -1,8 +1,8 @@
 """A trained model ready to embed images as the pipeline did: the model file's model (WiSE-FT
 mixed as the run's embed.wise_ft_alpha says, unless the file is mixed already, as best/model.pt
-is), its validation transform, and the run's embed
-(TTA, batch size) and retrieve settings, read from the summary.json that `best` writes beside
-model.pt (or from a params.yaml for a model file without one).
+is), its validation transform, the face crop its training images had (face_crops), and the
+run's embed (TTA, batch size) and retrieve settings, read from the summary.json that `best`
+writes beside model.pt (or from a params.yaml for a model file without one).
 """
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from clipcore import paths
 from clipcore.errors import ClipcoreError
 from clipcore.files import file_sha256
+from clipcore.inference.face_crops import ImageCrop, image_crop
 from clipcore.model.factory import FineTunedCLIP
 from clipcore.model.features import backbone_features, batch_features, resolve_device
 from clipcore.params import EmbedParams, RetrieveParams, load_params
@@ -33,9 +35,13 @@ class TrainedModel:
     embed: EmbedParams
     retrieve: RetrieveParams
     device: torch.device
+    crop: ImageCrop          # data.crop: face crops the queries and gallery images as in training
 
     def embed_files(self, images: Sequence[Path], desc: str = "embed") -> np.ndarray:
-        """(N, embed_dim) float32 unit embeddings of image files, as the embed stage makes them."""
+        """(N, embed_dim) float32 unit embeddings of image files, as the embed stage makes them
+        (of the crop stage's files, for a model trained on face crops)."""
+        if self.crop.crop == "face":
+            return self._embed_cropped(images, desc)
         features = backbone_features(self.model, images, batch_size=self.embed.batch_size,
                                      num_workers=self.embed.num_workers, desc=desc,
                                      tta=self.embed.tta)
@@ -44,6 +50,19 @@ class TrainedModel:
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """embed_files for decoded RGB images (the service's uploads), in one batch."""
+        return self._embed_batch(self.crop.images(images))
+
+    def _embed_cropped(self, images: Sequence[Path], desc: str) -> np.ndarray:
+        # Decoded, detected and embedded a batch at a time: memory stays flat on a large gallery.
+        rows = [np.zeros((0, self.model.embed_dim), np.float32)]
+        with tqdm(total=len(images), desc=desc, unit="img") as bar:
+            for start in range(0, len(images), self.embed.batch_size):
+                chunk = images[start:start + self.embed.batch_size]
+                rows.append(self._embed_batch(self.crop.files(chunk)))
+                bar.update(len(chunk))
+        return np.concatenate(rows)
+
+    def _embed_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         batch = torch.stack([self.model.preprocess_val(image) for image in images])
         with torch.inference_mode():
             features = batch_features(self.model, batch.to(self.device), self.embed.tta)
@@ -59,20 +78,25 @@ def load_trained(model: str | Path, device: str = "auto",
     if not file.is_file():
         raise ClipcoreError(f"{file}: model file not found (run `dvc repro`, or pass a "
                             f"model_epoch_X.pt from {paths.ALL_WEIGHTS})")
-    embed, retrieve = _settings(file, Path(params_file))
+    embed, retrieve, data, source = _settings(file, Path(params_file))
     torch_device = resolve_device(device)
     loaded, _ = embedding_model(file, embed.wise_ft_alpha, torch_device)
-    return TrainedModel(loaded.eval(), file, file_sha256(file), embed, retrieve, torch_device)
+    crop = image_crop(file, loaded.image_crop, data, source)
+    return TrainedModel(loaded.eval(), file, file_sha256(file), embed, retrieve, torch_device, crop)
 
 
-def _settings(file: Path, params_file: Path) -> tuple[EmbedParams, RetrieveParams]:
+def _settings(file: Path, params_file: Path) -> tuple[EmbedParams, RetrieveParams, dict, str]:
+    """The run's embed and retrieve params, its data.crop keys, and the file they were read from."""
     summary = file.with_name(paths.BEST_SUMMARY.name)
     if not summary.is_file():
         params = load_params(params_file)
-        return params.embed, params.retrieve
+        crop = {"crop": params.data.crop, "crop_margin": params.data.crop_margin}
+        return params.embed, params.retrieve, crop, str(params_file)
     try:
         made_by = json.loads(summary.read_text(encoding="utf-8"))["params"]
+        crop = {key: made_by["data"][key] for key in ("crop", "crop_margin") if key in made_by["data"]}
         return (build(EmbedParams, made_by["embed"], "embed.", str(summary)),
-                build(RetrieveParams, made_by["retrieve"], "retrieve.", str(summary)))
+                build(RetrieveParams, made_by["retrieve"], "retrieve.", str(summary)),
+                crop, str(summary))
     except (ValueError, KeyError, TypeError) as exc:
         raise ClipcoreError(f"{summary}: not the best stage's summary ({exc!r})") from None

@@ -24,6 +24,7 @@ from torchvision import transforms
 from clipcore.data.images import load_rgb
 from clipcore.errors import ClipcoreError
 from clipcore.files import write_text_atomic
+from clipcore.inference.face_crops import ImageCrop
 from clipcore.inference.loading import TrainedModel
 from clipcore.model.factory import FineTunedCLIP
 
@@ -88,20 +89,25 @@ def export_onnx(trained: TrainedModel, out: Path) -> dict:
                        "mean_std_inside_the_graph": {"mean": list(normalize.mean),
                                                      "std": list(normalize.std)}},
         "model": str(trained.file), "model_sha256": trained.sha256, "tta": trained.embed.tta,
-        "wise_ft_alpha": trained.embed.wise_ft_alpha, "opset": OPSET}
+        "wise_ft_alpha": trained.embed.wise_ft_alpha, "opset": OPSET,
+        # Before the steps above: the model trained on face crops (clipcore.crop, MTCNN).
+        "face_crop": {"crop": trained.crop.crop, "crop_margin": trained.crop.margin}}
     write_text_atomic(Path(f"{out}.json"), json.dumps(sidecar, indent=2) + "\n")
     return sidecar
 
 
 def onnx_embeddings(onnx_file: Path, model: FineTunedCLIP, images: Sequence[Path],
-                    batch_size: int = 32) -> np.ndarray:
-    """Embeddings of image files through the exported graph with onnxruntime."""
+                    batch_size: int = 32, crop: ImageCrop | None = None) -> np.ndarray:
+    """Embeddings of image files through the exported graph with onnxruntime (face-cropped
+    first by `crop`, as TrainedModel.embed_files crops them)."""
     onnxruntime = _require("onnxruntime")
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     transform = pixel_transform(model)
     chunks = []
     for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(load_rgb(p)) for p in images[start:start + batch_size]])
+        chunk = images[start:start + batch_size]
+        decoded = [load_rgb(p) for p in chunk] if crop is None else crop.files(chunk)
+        batch = torch.stack([transform(image) for image in decoded])
         chunks.append(session.run(["embedding"], {"pixels": batch.numpy()})[0])
     return np.concatenate(chunks)
 

@@ -53,7 +53,8 @@ def create_app(trained: TrainedModel, index: GalleryIndex, *, max_upload_bytes: 
         return {"status": "ok", "model": trained.file.name, "model_sha256": trained.sha256,
                 "gallery_size": len(index.names), "dimension": index.manifest["dimension"],
                 "metric": index.retrieve.metric, "index": index.retrieve.index,
-                "default_k": default_k, "max_k": largest_k, "max_upload_bytes": max_upload_bytes}
+                "default_k": default_k, "max_k": largest_k, "max_upload_bytes": max_upload_bytes,
+                "crop": trained.crop.describe()}
 
     @app.post("/search")
     async def search(request: Request) -> dict:

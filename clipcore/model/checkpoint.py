@@ -113,12 +113,14 @@ def _directory_problem(archive: zipfile.ZipFile, f) -> str | None:
 
 def inference_state(model: FineTunedCLIP, backbone_trained: bool) -> dict:
     """What embedding images needs beyond the base weights (the visual tower only if trained),
-    and the WiSE-FT alpha its weights are already mixed at, if they are (best/model.pt)."""
+    the WiSE-FT alpha its weights are already mixed at, if they are (best/model.pt), and the
+    crop its training images had (data.crop), where recorded."""
     state = model.head_state()
     if backbone_trained:
         state.update(model.backbone_state())
     mixed = {} if model.wise_ft_alpha == 1.0 else {"wise_ft_alpha": model.wise_ft_alpha}
-    return {**mixed,
+    crop = {} if model.image_crop is None else {"crop": dict(model.image_crop)}
+    return {**mixed, **crop,
         "format": MODEL_FORMAT,
         "model": {"name": model.base["name"], "pretrained": model.base["pretrained"],
                   "embed_dim": model.embed_dim, "dropout": model.head.dropout.p,
@@ -169,6 +171,7 @@ def load_model_file(path: str | Path,
             f"{path}: tensors do not fit a {params.name} model ({str(exc).splitlines()[-1].strip()})"
         ) from exc
     model.wise_ft_alpha = float(data.get("wise_ft_alpha", 1.0))
+    model.image_crop = data.get("crop")  # absent in files from before it was recorded
     return model.eval(), bool(data["backbone_trained"])
 
 

@@ -101,6 +101,9 @@ class FineTunedCLIP(nn.Module):
         self.embed_dim = embed_dim
         self.base = base
         self.wise_ft_alpha = 1.0  # the weights as trained; WiSE-FT mixing sets its alpha
+        # The images it trained on: {"crop": none | face, "crop_margin": m} (data.crop), so that
+        # inference crops its inputs alike; None: not recorded (a file from before the crop stage).
+        self.image_crop: dict | None = None
         if head not in HEADS:  # a damaged model file; params.yaml's value is checked on load
             raise ClipcoreError(f"model.head: unknown head {head!r} (one of {', '.join(HEADS)})")
         self.head_kind = head

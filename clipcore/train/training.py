@@ -97,6 +97,7 @@ class Trainer:
         self.query_masks = query_masks(self.val_split.paths, self.train_split.paths,
                                        params.data.val_queries)
         self.model = build_model(params.model, self.device)
+        self.model.image_crop = {"crop": params.data.crop, "crop_margin": params.data.crop_margin}
         self.frozen = unfreezing.backbone_frozen(params.train)
         # train.unlocked_blocks; unlocked before the optimizer is built, so that it holds the
         # blocks from the start even while train.frozen_epochs keeps them still.
