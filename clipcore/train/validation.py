@@ -28,7 +28,7 @@ from clipcore.errors import ClipcoreError
 from clipcore.ranking.measures import query_scores, retrieval_metrics
 from clipcore.ranking.search import top_k
 
-# A distractor's label: class ids count from 0, so no query ever shares it.
+# A distractor's label: the labels are coded from 0 beside it, so no query ever shares it.
 DISTRACTOR = -1
 
 
@@ -91,6 +91,9 @@ def validation_metrics(val: np.ndarray, val_labels: np.ndarray, k: int,
     they can only push a query's matches down its ranking, never be one.
     """
     val_labels = np.asarray(val_labels)
+    if distractors is not None:
+        # As codes from 0 (ranking compares labels only), so that DISTRACTOR is no query's label.
+        val_labels, train_labels = _codes(val_labels, train_labels)
     joins = train is not None and train_joins_gallery(val_labels, train_labels)
     train_rows = slice(None)
     if query_mask is None:
@@ -107,7 +110,7 @@ def validation_metrics(val: np.ndarray, val_labels: np.ndarray, k: int,
         gallery_labels.append(np.asarray(train_labels)[train_rows])
     if distractors is not None:
         gallery.append(distractors)
-        gallery_labels.append(np.full(len(distractors), DISTRACTOR, dtype=val_labels.dtype))
+        gallery_labels.append(np.full(len(distractors), DISTRACTOR))
     gallery, gallery_labels = np.concatenate(gallery), np.concatenate(gallery_labels)
     exclude_self = query_mask is None
     # A query's positives are the other images of its class in the gallery (never itself).
@@ -124,6 +127,12 @@ def validation_metrics(val: np.ndarray, val_labels: np.ndarray, k: int,
     # Per query, in a fixed order: the base comparison pairs two epochs' (clipcore.report.best).
     result["query_scores"] = query_scores(query_labels[matched], gallery_labels[found]).tolist()
     return result
+
+
+def _codes(val_labels: np.ndarray, train_labels) -> tuple[np.ndarray, np.ndarray | None]:
+    both = val_labels if train_labels is None else np.concatenate([val_labels, train_labels])
+    codes = np.unique(both, return_inverse=True)[1].reshape(-1)
+    return codes[:len(val_labels)], None if train_labels is None else codes[len(val_labels):]
 
 
 def _same_label(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
