@@ -40,6 +40,7 @@ from bench_accuracy import (MODES, QUICK, Sizes, bench_params, mean_ci,  # noqa:
                             setup_domain)
 
 from clipcore import paths  # noqa: E402
+from clipcore.report import compare  # noqa: E402
 from clipcore.data.manifests import read_manifest  # noqa: E402
 from clipcore.demo.domain import rendering_of  # noqa: E402
 from clipcore.ranking.measures import metrics_for_indices  # noqa: E402
@@ -140,6 +141,12 @@ def spearman(val: dict, test: dict) -> float:
     return float(rho) if np.isfinite(rho) else 0.0  # a constant val score ranks nothing
 
 
+def rho_ci(values) -> str:
+    """mean_ci with two decimals: a rho lives in [-1, 1]."""
+    mean, half = compare.mean_ci([float(v) for v in values])
+    return f"{mean:+.2f}" + ("" if half is None else f" ± {half:.2f}")
+
+
 def report(mode: str, runs: list[dict]) -> None:
     print(f"\n## {mode}: {len(runs)} seeds, epochs 0-{max(runs[0]['test'])}; val images "
           f"{runs[0]['val_images']}; {runs[0]['gallery_sizes']}")
@@ -150,13 +157,16 @@ def report(mode: str, runs: list[dict]) -> None:
           f"{max(r['mixed_vs_trainer'] for r in runs):.2g}")
     print(f"test: epoch 0 {mean_ci([r['test'][0] for r in runs])}, best epoch "
           f"{mean_ci([max(r['test'].values()) for r in runs])}")
-    print("| protocol | Spearman rho, val vs test over epochs | test at its pick - epoch 0 |")
-    print("|---|---|---|")
+    print("| protocol | Spearman rho, val vs test over epochs | rho - class-mixed's (paired) | "
+          "test at its pick - epoch 0 |")
+    print("|---|---|---|---|")
+    today = [spearman(r["val"]["class-mixed"], r["test"]) for r in runs]
     for protocol in map(label, protocols()):
         rhos = [spearman(r["val"][protocol], r["test"]) for r in runs]
         gains = [r["test"][max(r["val"][protocol], key=r["val"][protocol].get)] - r["test"][0]
                  for r in runs]
-        print(f"| {protocol} | {mean_ci(rhos)} | {mean_ci(gains)} |", flush=True)
+        print(f"| {protocol} | {rho_ci(rhos)} | {rho_ci(np.subtract(rhos, today))} | "
+              f"{mean_ci(gains)} |", flush=True)
 
 
 def main() -> None:
