@@ -24,7 +24,12 @@ class DataParams:
     # An fnmatch pattern on a val image's file name ("photo_*"): those val images are the queries,
     # the others the gallery (clipcore.train.validation). "": every val image queries all the others.
     # Last, with a default, so DataParams built in code keep today's protocol.
+    # auto: learnt from the unlabelled test images (clipcore.train.validation_plan).
     val_queries: str = ""
+    # Images of no val class that join the val gallery so that it is as crowded as the test's
+    # (clipcore.train.validation_plan); none keeps today's protocol.
+    val_distractors: str = checked(default="none",
+                                   choices=("none", "train_others", "test_gallery"))
     # face: the crop stage crops each image to its largest face (clipcore.crop) and the stages
     # that read pixels read the crops; none: they read data.root. Defaults keep today's data.
     crop: str = checked(default="none", choices=("none", "face"))

@@ -1,5 +1,6 @@
 """Each epoch's validation: val_loss over fixed batches of the val images, and retrieval with each
-val image (or each one `data.val_queries` names) as a query (the protocol: clipcore.train.validation)."""
+val image (or each one `data.val_queries` names) as a query, against a gallery that
+`data.val_distractors` may crowd (the protocol: clipcore.train.validation, validation_plan)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -10,6 +11,7 @@ import torch
 from clipcore.model.factory import FineTunedCLIP
 from clipcore.train.splits import BackboneFeatures, Split
 from clipcore.train.validation import train_joins_gallery, validation_metrics
+from clipcore.train.validation_plan import ValidationPlan
 
 # k: the cut-off precision@k and mAP@k were measured at, train.val_top_k or, where that is beyond
 # the val gallery, the gallery's size (for the stage's label; not a CSV column).
@@ -21,20 +23,31 @@ BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (embeddings,
 @torch.no_grad()
 def evaluate(model: FineTunedCLIP, features: BackboneFeatures, val: Split, train: Split,
              batch_loss: BatchLoss, val_order: torch.Tensor, batch_size: int, k: int,
-             query_masks: tuple[np.ndarray | None, np.ndarray | None]) -> dict:
+             plan: ValidationPlan) -> dict:
     """val_loss and the VALIDATION_COLUMNS the val images measure (none without val images), with
-    the model as it is (the caller sets eval mode). query_masks: which val and training images
-    are in the queries' rendering (clipcore.train.validation.query_masks; None: every val image
-    queries)."""
+    the model as it is (the caller sets eval mode). plan: which val and training images are in
+    the queries' rendering (None: every val image queries) and the distractors."""
     if not len(val.paths):
         return {}
     embeddings = model.embed_features(features(val)).float()
     row = {"val_loss": _val_loss(embeddings, val.labels, batch_loss, val_order, batch_size)}
     val_labels, train_labels = val.labels.cpu().numpy(), train.labels.cpu().numpy()
-    gallery = (model.embed_features(features(train)).float().cpu().numpy()
-               if train_joins_gallery(val_labels, train_labels) else None)
+
+    def embed(split: Split) -> np.ndarray:
+        return model.embed_features(features(split)).float().cpu().numpy()
+
+    joins = train_joins_gallery(val_labels, train_labels)
+    gallery = embed(train) if joins else None
+    distractors = None
+    if plan.distractors == "test_gallery":
+        distractors = embed(plan.test_gallery)
+    elif plan.distractors == "train_others" and not joins:  # joined, they are in the gallery
+        # Out of the gallery as the joining training images are: not in the queries' rendering.
+        rows = slice(None) if plan.masks[1] is None else ~plan.masks[1]
+        distractors = embed(train)[rows]
     measures = validation_metrics(embeddings.cpu().numpy(), val_labels, k, gallery, train_labels,
-                                  query_mask=query_masks[0], train_query_mask=query_masks[1])
+                                  query_mask=plan.masks[0], train_query_mask=plan.masks[1],
+                                  distractors=distractors)
     row.update({key: float(measures[key]) for key in VALIDATION_COLUMNS if key in measures})
     if "query_scores" in measures:  # each val query's points, for the paired base comparison
         row["query_scores"] = measures["query_scores"]

@@ -31,14 +31,14 @@ TRAIN_FORMAT = "clipcore-train/3"
 MAY_CHANGE = ("train.epochs", "train.resume", "train.num_workers", "train.device",
               "train.keep_checkpoints")
 NOT_TRAINING = ("demo.", "embed.", "retrieve.", "submit.", "data.root")
-# data.val_queries (like train.val_top_k) changes no training step, only what validation
+# data.val_queries and data.val_distractors (like train.val_top_k) changes no training step, only what validation
 # measures; it is compared all the same: the checkpoint's metric rows were measured under its
 # protocol, and a resumed run under another would mix two protocols in one training_metrics.csv,
 # from which the best stage picks an epoch by val score.
 # Keys added to the signature after checkpoints of TRAIN_FORMAT were written, with the value a
 # checkpoint that doesn't record one was made with (before data.val_queries, every val image
-# queried: its default).
-ADDED_LATER = {"data.val_queries": ""}
+# queried: its default; before data.val_distractors, none joined the gallery).
+ADDED_LATER = {"data.val_queries": "", "data.val_distractors": "none"}
 SPLIT_KEY = "data.split"  # sha256 of the train and val manifests' rows
 CONTENT_KEY = "data.content"  # sha256 of their images' bytes
 _ABSENT = "(not recorded)"

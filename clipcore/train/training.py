@@ -42,7 +42,7 @@ from clipcore.train.resume import (
 from clipcore.train.run_files import METRIC_COLUMNS, RunFiles
 from clipcore.train.sampling import SeededImages, epoch_plan, make_batches
 from clipcore.train.splits import BackboneFeatures, load_splits
-from clipcore.train.validation import query_masks
+from clipcore.train.validation_plan import learn_queries, plan_validation
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.98), 1e-6  # CLIP's (and the seed's); the defaults are unstable for it
 LOSS_SHOWN_EVERY = 20  # steps between updates of the progress bar's loss (each reads the device)
@@ -92,10 +92,10 @@ class Trainer:
         _seed_everything(params.seed)
         classes, captions, self.train_split, self.val_split = load_splits(
             data_root, prepared, self.device)
-        # Which images query under data.val_queries, once; a pattern that leaves validation no
-        # query or no gallery stops the run here, before the model is built.
-        self.query_masks = query_masks(self.val_split.paths, self.train_split.paths,
-                                       params.data.val_queries)
+        # Which images query (data.val_queries) and the distractors, once; a setting that leaves
+        # validation no query, gallery or test image to use stops the run before the model is built.
+        self.plan = plan_validation(params.data, self.val_split, self.train_split, data_root,
+                                    prepared, self.device)
         self.model = build_model(params.model, self.device)
         self.model.image_crop = {"crop": params.data.crop, "crop_margin": params.data.crop_margin}
         self.frozen = unfreezing.backbone_frozen(params.train)
@@ -121,6 +121,8 @@ class Trainer:
                                         generator=torch.Generator().manual_seed(params.seed))
         self.features = BackboneFeatures(self.model, self.world, params.embed.batch_size,
                                          params.train.num_workers)
+        # auto: from the base model's features (no step yet; a resumed run restores later).
+        learn_queries(self.plan, self.features, self.val_split, self.train_split)
         # Images (frozen: stored features) to embeddings; DDP with several processes.
         self.embed = self.world.trained(self.model, self.loss, self.frozen)
 
@@ -235,7 +237,7 @@ class Trainer:
         row.update(evaluate(
             self.model, self.features, self.val_split, self.train_split, self.loss,
             self.val_order, self.params.train.batch_size, self.params.train.val_top_k,
-            self.query_masks))
+            self.plan))
         row["seconds"] = time.perf_counter() - started
         return row
 

@@ -28,6 +28,9 @@ from clipcore.errors import ClipcoreError
 from clipcore.ranking.measures import query_scores, retrieval_metrics
 from clipcore.ranking.search import top_k
 
+# A distractor's label: the labels are coded from 0 beside it, so no query ever shares it.
+DISTRACTOR = -1
+
 
 def train_joins_gallery(val_labels, train_labels) -> bool:
     """Whether the training images join the val gallery: they share classes with val (the
@@ -51,24 +54,31 @@ def query_masks(val_paths, train_paths, pattern: str) -> tuple[np.ndarray | None
     query or no gallery among the val images. No val images at all (`data.val_fraction: 0`) is a
     run without validation, as without the pattern."""
     rows = query_rows(val_paths, pattern)
-    if rows is not None and len(rows):
-        matched = int(rows.sum())
-        if matched == 0:
-            raise ClipcoreError(f"params: 'data.val_queries' {pattern!r} matches none of the "
-                                f"{len(rows)} val images: no val query (the pattern is on the "
-                                f"file name, e.g. photo_*; empty: every val image queries)")
-        if matched == len(rows):
-            raise ClipcoreError(f"params: 'data.val_queries' {pattern!r} matches all "
-                                f"{len(rows)} val images: no val gallery (the gallery is the val "
-                                f"images whose name does not match)")
+    if rows is not None:
+        check_query_rows(rows, f"{pattern!r} matches", (
+            "the pattern is on the file name, e.g. photo_*; empty: every val image queries",
+            "the gallery is the val images whose name does not match"))
     return rows, query_rows(train_paths, pattern)
+
+
+def check_query_rows(rows: np.ndarray, said: str, why: tuple[str, str]) -> None:
+    """One line naming data.val_queries when `rows` (which val images query) leaves validation no
+    query or no gallery; `said`: how the setting picked them, `why`: a hint for each case."""
+    matched = int(np.sum(rows))
+    if len(rows) and matched == 0:
+        raise ClipcoreError(f"params: 'data.val_queries' {said} none of the {len(rows)} val "
+                            f"images: no val query ({why[0]})")
+    if len(rows) and matched == len(rows):
+        raise ClipcoreError(f"params: 'data.val_queries' {said} all {len(rows)} val images: no "
+                            f"val gallery ({why[1]})")
 
 
 def validation_metrics(val: np.ndarray, val_labels: np.ndarray, k: int,
                        train: np.ndarray | None = None,
                        train_labels: np.ndarray | None = None,
                        query_mask: np.ndarray | None = None,
-                       train_query_mask: np.ndarray | None = None) -> dict:
+                       train_query_mask: np.ndarray | None = None,
+                       distractors: np.ndarray | None = None) -> dict:
     """retrieval_metrics of the val queries (those with a positive), plus `val_queries` (how many
     were scored) and `val_unmatched` (how many had no positive). `train`/`train_labels`: the
     training images' embeddings and labels, joining the gallery when they share val classes.
@@ -77,8 +87,13 @@ def validation_metrics(val: np.ndarray, val_labels: np.ndarray, k: int,
     over the val rows (`query_rows`), only those rows query, against the other val rows.
     train_query_mask: with `query_mask`, the training rows in the queries' rendering
     (`query_rows`): they stay out of the gallery (None: every training row may join it).
+    distractors: embeddings that join the gallery as no class's images (data.val_distractors):
+    they can only push a query's matches down its ranking, never be one.
     """
     val_labels = np.asarray(val_labels)
+    if distractors is not None:
+        # As codes from 0 (ranking compares labels only), so that DISTRACTOR is no query's label.
+        val_labels, train_labels = _codes(val_labels, train_labels)
     joins = train is not None and train_joins_gallery(val_labels, train_labels)
     train_rows = slice(None)
     if query_mask is None:
@@ -93,6 +108,9 @@ def validation_metrics(val: np.ndarray, val_labels: np.ndarray, k: int,
     if joins:
         gallery.append(train[train_rows])
         gallery_labels.append(np.asarray(train_labels)[train_rows])
+    if distractors is not None:
+        gallery.append(distractors)
+        gallery_labels.append(np.full(len(distractors), DISTRACTOR))
     gallery, gallery_labels = np.concatenate(gallery), np.concatenate(gallery_labels)
     exclude_self = query_mask is None
     # A query's positives are the other images of its class in the gallery (never itself).
@@ -109,6 +127,12 @@ def validation_metrics(val: np.ndarray, val_labels: np.ndarray, k: int,
     # Per query, in a fixed order: the base comparison pairs two epochs' (clipcore.report.best).
     result["query_scores"] = query_scores(query_labels[matched], gallery_labels[found]).tolist()
     return result
+
+
+def _codes(val_labels: np.ndarray, train_labels) -> tuple[np.ndarray, np.ndarray | None]:
+    both = val_labels if train_labels is None else np.concatenate([val_labels, train_labels])
+    codes = np.unique(both, return_inverse=True)[1].reshape(-1)
+    return codes[:len(val_labels)], None if train_labels is None else codes[len(val_labels):]
 
 
 def _same_label(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
