@@ -29,7 +29,7 @@ The bench also reports how well each protocol ranks the test (Spearman's rho of 
 score over every epoch of every run, pooled, and the mean of the per-run rhos).
 
     OMP_NUM_THREADS=1 python bench/bench_accuracy.py [--seeds 5] [--epochs N] [--quick]
-        [--domains generated,digits] [--modes frozen,unfrozen] [--with KEY=VALUE ...]
+        [--domains generated,digits] [--modes frozen,unfrozen] [--with KEY=VALUE ...] [--each]
         [--base-identities 600]    # how many identities the generated base is pretrained on
         [--finetune-identities 240]  # identities fine-tuned on (up to 700)
         [--base-renderings photo]  # a generated base that never saw a render (as CLIP never
@@ -327,6 +327,18 @@ def report(domain: str, runs: dict, knn: dict, protocols: list[str]) -> None:
                                                               runs[("seed's recipe", mode)])]
                 print(f"  default gain over (paired, picked by {p}): "
                       + " | ".join(f"{name}: {mean_ci(v)}" for name, v in gains.items()))
+                for recipe in candidates_of(runs, mode):
+                    rs = runs[(recipe, mode)]
+                    over_base = [picked(r, p, test_set) - r.test[test_set][0] for r in rs]
+                    over_default = [picked(r, p, test_set) - picked(d, p, test_set)
+                                    for r, d in zip(rs, default)]
+                    print(f"  {recipe} gain over (paired, picked by {p}): epoch 0: "
+                          f"{mean_ci(over_base)} | default: {mean_ci(over_default)}")
+
+
+def candidates_of(runs: dict, mode: str) -> list[str]:
+    """The `--with` rows run in this mode."""
+    return [name for name, m in runs if m == mode and name not in ("default", "seed's recipe")]
 
 
 def protocol_report(domain: str, runs: dict, protocols: list[str]) -> None:
@@ -351,14 +363,14 @@ def protocol_report(domain: str, runs: dict, protocols: list[str]) -> None:
             print(f"  {mode:9s} {p:14s} " + " | ".join(cells))
 
 
-def recipes(candidate: dict, seed_recipe: bool = True) -> dict[str, dict]:
+def recipes(candidate: dict, seed_recipe: bool = True, each: bool = False) -> dict[str, dict]:
     """The rows: the seed's recipe (when asked), the default, and a candidate (the default with
-    `--with` overrides) when one is given."""
+    `--with` overrides) when one is given; with `each`, a row per override (levers alone)."""
     rows = {"default": {}}
     if seed_recipe:
         rows = {"seed's recipe": dict(SEED_RECIPE), **rows}
-    if candidate:
-        rows["default + " + " ".join(f"{k}={v}" for k, v in candidate.items())] = candidate
+    for overrides in ([{k: v} for k, v in candidate.items()] if each else [candidate] * bool(candidate)):
+        rows["default + " + " ".join(f"{k}={v}" for k, v in overrides.items())] = overrides
     return rows
 
 
@@ -440,6 +452,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_accuracy"))
     parser.add_argument("--with", dest="candidate", action="append", default=[],
                         metavar="KEY=VALUE", help="add a row: the default with these params")
+    parser.add_argument("--each", action="store_true",
+                        help="a row per --with instead of one row with all (each lever alone)")
     parser.add_argument("--modes", default="frozen,unfrozen")
     parser.add_argument("--no-seed-recipe", action="store_true")
     parser.add_argument("--base-identities", type=int, default=Sizes.base_identities,
@@ -455,7 +469,7 @@ def main() -> None:
     args = parser.parse_args()
     candidate = {key: yaml.safe_load(value) for key, value in
                  (item.split("=", 1) for item in args.candidate)}
-    rows, modes = recipes(candidate, not args.no_seed_recipe), args.modes.split(",")
+    rows, modes = recipes(candidate, not args.no_seed_recipe, args.each), args.modes.split(",")
     sizes, seeds = ((QUICK, range(2)) if args.quick
                     else (Sizes(base_identities=args.base_identities,
                                 base_renderings=tuple(args.base_renderings.split(",")),
