@@ -15,6 +15,7 @@ single run over the splits, with its Student-t 95% interval.
 
     OMP_NUM_THREADS=1 python bench/bench_soup.py [--splits 5] [--members 5] [--epochs 4]
         [--mode unfrozen|frozen] [--full]   # bench_accuracy's QUICK sizes unless --full
+        [--stand-in tiny-deep]             # the 6-block stand-in (its base: --out)
 """
 from __future__ import annotations
 
@@ -91,13 +92,16 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=10)
     parser.add_argument("--mode", choices=tuple(bench.MODES), default="unfrozen")
     parser.add_argument("--full", action="store_true", help="bench_accuracy's full sizes")
+    parser.add_argument("--stand-in", default="tiny", choices=("tiny", "tiny-deep"),
+                        help="bench_accuracy's model (its base cached under --out)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_soup"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     sizes = bench.Sizes() if args.full else bench.QUICK
-    domain = bench.setup_domain("generated", out, sizes, args.epochs, args.pretrain_epochs)
+    domain = bench.setup_domain("generated", out, sizes, args.epochs, args.pretrain_epochs,
+                                args.stand_in)
     per_split = []
     for split in range(args.splits):
         started = time.perf_counter()
