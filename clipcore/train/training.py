@@ -31,7 +31,7 @@ from clipcore.model.pixel_cache import PixelCache
 from clipcore.params import Params, TrainParams
 from clipcore.train import unfreezing
 from clipcore.train.ema import WeightAverage
-from clipcore.train.evaluation import evaluate
+from clipcore.train.evaluation import evaluate, revisited_splits
 from clipcore.train.losses import create_loss
 from clipcore.train.resume import (
     TRAIN_FORMAT,
@@ -120,9 +120,10 @@ class Trainer:
         # Val batches for val_loss: one fixed shuffle, so batches mix classes as in training.
         self.val_order = torch.randperm(len(self.val_split.paths),
                                         generator=torch.Generator().manual_seed(params.seed))
-        # A backbone that trains: validation's images decoded once per run (embed.pixel_cache_gib).
-        pixels = None if self.frozen else PixelCache(
-            params.embed.pixel_cache_gib, paths.REPOSITORY, pin_memory=self.device.type == "cuda")
+        # A backbone that trains: what each validation revisits decoded once (embed.pixel_cache_gib).
+        pixels = None if self.frozen else (PixelCache(
+            params.embed.pixel_cache_gib, paths.REPOSITORY, pin_memory=self.device.type == "cuda"),
+            revisited_splits(self.val_split, self.train_split, self.plan))
         self.features = BackboneFeatures(self.model, self.world, params.embed.batch_size,
                                          params.train.num_workers, pixels)
         self.loader: EpochLoader | None = None  # the unfrozen epochs', made at the first one

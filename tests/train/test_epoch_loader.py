@@ -1,10 +1,12 @@
 """The training loader made once per run: its workers start once and persist across the epochs,
 each epoch still gets its own batches and augmentations, and the numbers are those of a run
-without workers whose validation pixels sit in memory, also with them partly on disk."""
+without workers whose validation pixels sit in memory, also with them partly on disk; only the
+splits that every validation revisits keep their pixels."""
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,10 @@ from clipcore import paths
 from clipcore.model.checkpoint import load_file
 from clipcore.model.pixel_cache import GIB
 from clipcore.train import sampling
+from clipcore.train.evaluation import revisited_splits
+from clipcore.train.splits import Split
 from clipcore.train.training import METRIC_COLUMNS, train
+from clipcore.train.validation_plan import ValidationPlan
 
 EPOCHS = 3
 UNFROZEN = {"model.name": "tiny", "model.pretrained": "none", "train.epochs": EPOCHS,
@@ -74,3 +79,23 @@ def test_persistent_workers_and_pixels_on_disk_give_the_same_run(tmp_path, param
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert numbers(history)[1] != numbers(history)[2]  # the epochs did differ
     assert not list((other / paths.REPOSITORY).glob("pixel_cache_*"))
+
+
+def test_only_the_splits_every_validation_revisits_keep_their_pixels():
+    """Kept pixels of images that one pass reads (the test queries of data.val_queries auto, the
+    training images under the class split, where none join the gallery) would only take memory."""
+    def split(name, labels):
+        return Split(name, [Path(f"{name}_{i}.png") for i in range(len(labels))],
+                     torch.tensor(labels))
+
+    val, train_seen, train_unseen = split("val", [0, 1]), split("train", [0, 1, 2]), split(
+        "train", [2, 3])
+    assert revisited_splits(val, train_seen, ValidationPlan((None, None), "none")) == {
+        "val", "train"}
+    assert revisited_splits(val, train_unseen, ValidationPlan((None, None), "none")) == {"val"}
+    assert revisited_splits(val, train_unseen, ValidationPlan((None, None), "train_others")) == {
+        "val", "train"}
+    auto = ValidationPlan((None, None), "test_gallery", test_query=split("test_query", [-1]),
+                          test_gallery=split("test_gallery", [-1]))
+    assert revisited_splits(val, train_unseen, auto) == {"val", "test_gallery"}
+    assert revisited_splits(split("val", []), train_seen, auto) == set()
