@@ -4,7 +4,7 @@ decoded at epoch 0, embed decodes the query and gallery once for all model files
 model for them, the training loader is made once. One run prints both, and whether the two
 trees' numbers are the same (they must be: the cached pixels are the same tensors).
 
-    python bench/bench_decode_once.py                       # tiny model, 224 px PNGs, against fb22319
+    python bench/bench_decode_once.py                   # tiny model, 224 px PNGs, against fb22319
     python bench/bench_decode_once.py --epochs 3 --identities 200 --before HEAD~3
 
 Each tree trains `--epochs` unfrozen epochs and embeds the epoch 0..N model files in its own
@@ -122,7 +122,8 @@ def main() -> None:
     (_, old), (_, new) = results.items()
     print(f"now / before: validation of epochs 1-{args.epochs} "
           f"{sum(new['validation_s'][1:]) / sum(old['validation_s'][1:]):.2f}x, embed "
-          f"{new['embed_s'] / old['embed_s']:.2f}x, train stage {new['train_s'] / old['train_s']:.2f}x")
+          f"{new['embed_s'] / old['embed_s']:.2f}x, "
+          f"train stage {new['train_s'] / old['train_s']:.2f}x")
     print(f"same metrics and embeddings in both trees: {same}")
 
 

@@ -4,7 +4,7 @@ Model files whose backbone did not train (epoch 0, and every epoch of a frozen r
 base model: its backbone features are computed once per image and each file's head is applied
 to them, so N such epochs cost about one pass through the image tower. Files whose backbone
 trained get a pass each, over pixels decoded once (the first pass; embed.pixel_cache_gib), and
-every file's tensors go into one model per base, built once (a CLIP build: 0.9-4.5 s here).
+every file's tensors go into one model per base, built once, not a CLIP built per file.
 """
 from __future__ import annotations
 

@@ -124,7 +124,6 @@ class SeededImages(ImageFiles):
             return super().__getitem__(index)
 
 
-
 class EpochLoader:
     """The training images' DataLoader of a run, made once: its workers (train.num_workers) start
     once and persist across the epochs. Each epoch's batches (its plan, or this process's shares

@@ -120,7 +120,7 @@ class Trainer:
         # Val batches for val_loss: one fixed shuffle, so batches mix classes as in training.
         self.val_order = torch.randperm(len(self.val_split.paths),
                                         generator=torch.Generator().manual_seed(params.seed))
-        # A backbone that trains: what each validation revisits decoded once (embed.pixel_cache_gib).
+        # A backbone that trains: what validation revisits, decoded once (embed.pixel_cache_gib).
         pixels = None if self.frozen else (PixelCache(
             params.embed.pixel_cache_gib, paths.REPOSITORY, pin_memory=self.device.type == "cuda"),
             revisited_splits(self.val_split, self.train_split, self.plan))

@@ -43,7 +43,8 @@ def test_later_passes_are_the_loaders_batches_from_memory_and_disk(prepared_demo
         cache = PixelCache(23 * row_bytes / GIB, tmp_path / "repository")
         (first, *later), decodes = passes(cache, paths, transform, batch_size=7, rounds=3)
         assert decodes == 1
-        assert f"{len(paths) - 23} of {len(paths)} images' pixels kept on disk" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert f"{len(paths) - 23} of {len(paths)} images' pixels kept on disk" in printed
         for again in later:
             assert len(again) == len(first) == 8
             for (images, positions), (stored, stored_positions) in zip(first, again):
