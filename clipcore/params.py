@@ -187,6 +187,9 @@ class EmbedParams:
     num_workers: int | str = checked(ge=0, auto=True)  # auto: features.loader_workers
     wise_ft_alpha: float = checked(ge=0.0, le=1.0)
     tta: str = checked(choices=("none", "flip"))
+    # Where the backbone trains: the decoded pixels of embed's and validation's images, kept for
+    # the passes after the first, this many GiB in memory and the rest on disk (pixel_cache).
+    pixel_cache_gib: float = checked(ge=0.0)
 
 
 @dataclass(frozen=True)

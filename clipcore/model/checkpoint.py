@@ -137,7 +137,18 @@ def save_model(model: FineTunedCLIP, path: str | Path, backbone_trained: bool, e
 
 def load_model_params(path: str | Path) -> ModelParams:
     """The model params a model file was made with, without building the model."""
-    return _read_model_file(path, "cpu")[1]
+    return read_model_file(path, "cpu")[1]
+
+
+def backbone_was_trained(path: str | Path) -> bool:
+    """Whether a model file's visual tower trained, read without its tensors (torch.load maps
+    them, mmap): how the embed stage knows, before its first pass, whether passes will follow.
+    A file that doesn't read so is read whole, which names what is wrong with it."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - load_file says what is wrong, or reads it another way
+        data = load_file(path)
+    return bool(isinstance(data, dict) and data.get("backbone_trained"))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> FineTunedCLIP:
@@ -148,11 +159,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> FineTune
 def load_model_file(path: str | Path,
                     device: str | torch.device = "cpu") -> tuple[FineTunedCLIP, bool]:
     """load_model's model, and whether the file's visual tower was trained (one read of the file)."""
-    data, params = _read_model_file(path, device)
+    data, params = read_model_file(path, device)
+    return load_into(build_base(path, params, device), path, data)
+
+
+def build_base(path: str | Path, params: ModelParams, device) -> FineTunedCLIP:
+    """The untouched model a model file (read_model_file: its params) was made on."""
     try:
-        model = build_model(params, device)
+        return build_model(params, device)
     except ClipcoreError as exc:
         raise ClipcoreError(f"{path}: cannot rebuild its base model: {exc}") from exc
+
+
+def load_into(model: FineTunedCLIP, path: str | Path, data: dict) -> tuple[FineTunedCLIP, bool]:
+    """`model` (its base's, built by build_base) with a model file's tensors (read_model_file:
+    `data`) applied in place, and whether the file's visual tower was trained. The tensors the
+    file doesn't hold stay as they are: the base's, in a model that held no other file's."""
+    params = ModelParams(**data["model"])
     if model.base != data["base"]:
         raise ClipcoreError(
             f"{path}: made on base weights {_describe_base(data['base'])}, but they now read "
@@ -175,7 +198,8 @@ def load_model_file(path: str | Path,
     return model.eval(), bool(data["backbone_trained"])
 
 
-def _read_model_file(path: str | Path, device) -> tuple[dict, ModelParams]:
+def read_model_file(path: str | Path, device) -> tuple[dict, ModelParams]:
+    """A model file's contents (tensors on `device`) and the model params it was made with."""
     data = load_file(path, map_location=device)
     found = data.get("format")
     if found != MODEL_FORMAT:

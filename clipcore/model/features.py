@@ -21,6 +21,7 @@ from tqdm import tqdm
 from clipcore.data.images import ImageFiles, UnreadableImage
 from clipcore.errors import ClipcoreError
 from clipcore.model.factory import FineTunedCLIP
+from clipcore.model.pixel_cache import PixelCache
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,32 +108,42 @@ class _Loader(DataLoader):
 
 
 def image_loader(images: Dataset, *, num_workers: int | str, device: torch.device,
-                 batch_size: int | None = None, batch_sampler: Iterable | None = None) -> DataLoader:
+                 batch_size: int | None = None, batch_sampler: Iterable | None = None,
+                 persistent: bool = False) -> DataLoader:
     """(images, positions) batches of `images` (an ImageFiles, or training's SeededImages),
-    decoded by `num_workers` workers (a count, or "auto": `loader_workers`).
+    decoded by `num_workers` workers (a count, or "auto": `loader_workers`); `persistent`: the
+    workers stay between passes (a loader iterated again, every epoch) instead of starting anew.
 
     The loader draws its workers' seeds from a private generator, so reading images never moves
     the global RNG that dropout and training use.
     """
+    workers = loader_workers(num_workers, device)
     return _Loader(
         images, batch_size=batch_size if batch_sampler is None else 1,
-        batch_sampler=batch_sampler, shuffle=False,
-        num_workers=loader_workers(num_workers, device),
+        batch_sampler=batch_sampler, shuffle=False, num_workers=workers,
+        persistent_workers=persistent and workers > 0,
         pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(0))
 
 
 def backbone_features(model: FineTunedCLIP, paths: Sequence[Path], *, batch_size: int,
-                      num_workers: int | str, desc: str, tta: str = "none") -> torch.Tensor:
+                      num_workers: int | str, desc: str, tta: str = "none",
+                      pixels: PixelCache | None = None) -> torch.Tensor:
     """(N, feature_dim) float32 backbone features of the images, in order, on the model's device;
     with tta "flip", (N, 2, feature_dim): the image's and its mirror's (embed.tta).
 
     Images are read with the model's validation transform (no augmentation): the features stand
-    for the image itself, whatever epoch or model file applies its head to them later.
+    for the image itself, whatever epoch or model file applies its head to them later. With
+    `pixels` (made for this model's transform) they are decoded on the first pass over `paths`
+    only, and later passes take the stored pixels.
     """
     device = model.clip.logit_scale.device
-    loader = image_loader(ImageFiles(paths, model.preprocess_val), batch_size=batch_size,
-                          num_workers=num_workers, device=device)
+
+    def decode() -> DataLoader:
+        return image_loader(ImageFiles(paths, model.preprocess_val), batch_size=batch_size,
+                            num_workers=num_workers, device=device)
+
+    loader = decode() if pixels is None else pixels.batches(paths, batch_size, decode)
     was_training = model.training
     model.eval()
     chunks = []

@@ -54,6 +54,16 @@ def evaluate(model: FineTunedCLIP, features: BackboneFeatures, val: Split, train
     return row
 
 
+def revisited_splits(val: Split, train: Split, plan: ValidationPlan) -> set[str]:
+    """The splits whose images every epoch's validation (`evaluate`) takes through the image
+    tower: with a backbone that trains, the ones whose decoded pixels are worth keeping."""
+    if not len(val.paths):
+        return set()
+    joins = train_joins_gallery(val.labels.cpu().numpy(), train.labels.cpu().numpy())
+    return {"val", *(["train"] if joins or plan.distractors == "train_others" else []),
+            *(["test_gallery"] if plan.distractors == "test_gallery" else [])}
+
+
 def _val_loss(embeddings: torch.Tensor, labels: torch.Tensor, batch_loss: BatchLoss,
               order: torch.Tensor, batch_size: int) -> float:
     # Summed on the device and read once: a read per batch would make a GPU wait on the host.

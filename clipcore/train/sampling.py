@@ -24,10 +24,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from clipcore.data.images import ImageFiles
 from clipcore.errors import ClipcoreError
+from clipcore.model.features import image_loader
 from clipcore.params import TrainParams
 
 Plan = list[list[tuple[int, int]]]  # an epoch's global batches of (image index, augmentation seed)
@@ -122,3 +123,31 @@ class SeededImages(ImageFiles):
             torch.default_generator.manual_seed(seed)
             return super().__getitem__(index)
 
+
+class EpochLoader:
+    """The training images' DataLoader of a run, made once: its workers (train.num_workers) start
+    once and persist across the epochs. Each epoch's batches (its plan, or this process's shares
+    of it) are set on its batch sampler before the epoch iterates it, so every epoch decodes the
+    images and draws the augmentations a loader made for that epoch alone would."""
+
+    def __init__(self, images: SeededImages, num_workers: int | str, device: torch.device):
+        self._planned = _Planned()
+        self._loader = image_loader(images, batch_sampler=self._planned, num_workers=num_workers,
+                                    device=device, persistent=True)
+
+    def epoch(self, batches: Sampler[list[tuple[int, int]]] | Plan) -> DataLoader:
+        self._planned.batches = batches
+        return self._loader
+
+
+class _Planned(Sampler[list[tuple[int, int]]]):
+    """A batch sampler that yields the batches it was last given."""
+
+    def __init__(self):
+        self.batches: Sampler[list[tuple[int, int]]] | Plan = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)

@@ -13,6 +13,7 @@ from clipcore.errors import ClipcoreError
 from clipcore.model.distributed import World
 from clipcore.model.factory import FineTunedCLIP
 from clipcore.model.features import backbone_features
+from clipcore.model.pixel_cache import PixelCache
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,14 @@ class BackboneFeatures:
     """Each split's backbone features as the backbone is now: computed on first use and kept
     until the trainer says the backbone changed (an optimizer step that trains it, a restored
     checkpoint). A frozen backbone never changes: its features serve the whole run, and the
-    start of training and epoch 0's validation share one pass."""
+    start of training and epoch 0's validation share one pass. A backbone that trains gets
+    `pixels`, a cache and the names of the splits every validation revisits: those are decoded
+    once per run, each later pass takes their stored pixels."""
 
     def __init__(self, model: FineTunedCLIP, world: World, batch_size: int,
-                 num_workers: int | str):
+                 num_workers: int | str, pixels: tuple[PixelCache, set[str]] | None = None):
         self.model, self.world = model, world
+        self.pixels, self.revisited = pixels or (None, set())
         self.batch_size, self.num_workers = batch_size, num_workers
         self._features: dict[str, torch.Tensor] = {}
 
@@ -59,7 +63,8 @@ class BackboneFeatures:
             # Each process computes its share of the images; every process gets them all.
             local = backbone_features(self.model, self.world.shard(split.paths),
                                       batch_size=self.batch_size, num_workers=self.num_workers,
-                                      desc=f"{split.name} features")
+                                      desc=f"{split.name} features",
+                                      pixels=self.pixels if split.name in self.revisited else None)
             self._features[split.name] = self.world.gather_shards(local, len(split.paths))
         return self._features[split.name]
 

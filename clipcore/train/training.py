@@ -26,11 +26,12 @@ from tqdm import tqdm
 from clipcore import paths
 from clipcore.model import distributed
 from clipcore.model.factory import build_model
-from clipcore.model.features import autocast, image_loader
+from clipcore.model.features import autocast
+from clipcore.model.pixel_cache import PixelCache
 from clipcore.params import Params, TrainParams
 from clipcore.train import unfreezing
 from clipcore.train.ema import WeightAverage
-from clipcore.train.evaluation import evaluate
+from clipcore.train.evaluation import evaluate, revisited_splits
 from clipcore.train.losses import create_loss
 from clipcore.train.resume import (
     TRAIN_FORMAT,
@@ -40,7 +41,7 @@ from clipcore.train.resume import (
     run_settings,
 )
 from clipcore.train.run_files import METRIC_COLUMNS, RunFiles
-from clipcore.train.sampling import SeededImages, epoch_plan, make_batches
+from clipcore.train.sampling import EpochLoader, SeededImages, epoch_plan, make_batches
 from clipcore.train.splits import BackboneFeatures, load_splits
 from clipcore.train.validation_plan import learn_queries, plan_validation
 
@@ -119,8 +120,13 @@ class Trainer:
         # Val batches for val_loss: one fixed shuffle, so batches mix classes as in training.
         self.val_order = torch.randperm(len(self.val_split.paths),
                                         generator=torch.Generator().manual_seed(params.seed))
+        # A backbone that trains: what validation revisits, decoded once (embed.pixel_cache_gib).
+        pixels = None if self.frozen else (PixelCache(
+            params.embed.pixel_cache_gib, paths.REPOSITORY, pin_memory=self.device.type == "cuda"),
+            revisited_splits(self.val_split, self.train_split, self.plan))
         self.features = BackboneFeatures(self.model, self.world, params.embed.batch_size,
-                                         params.train.num_workers)
+                                         params.train.num_workers, pixels)
+        self.loader: EpochLoader | None = None  # the unfrozen epochs', made at the first one
         # auto: from the base model's features (no step yet; a resumed run restores later).
         learn_queries(self.plan, self.features, self.val_split, self.train_split)
         # Images (frozen: stored features) to embeddings; DDP with several processes.
@@ -156,9 +162,11 @@ class Trainer:
             features = self.features(self.train_split)
             batches = ((features[index], index) for index in self._device_shares(shares))
         else:
-            batches = image_loader(
-                SeededImages(self.train_split.paths, self.model.train_transform(train.augment)),
-                batch_sampler=shares, num_workers=train.num_workers, device=self.device)
+            if self.loader is None:
+                self.loader = EpochLoader(SeededImages(
+                    self.train_split.paths, self.model.train_transform(train.augment)),
+                    train.num_workers, self.device)
+            batches = self.loader.epoch(shares)
         trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         # Losses summed on the device, read once per epoch (and for the progress bar every
         # LOSS_SHOWN_EVERY steps): a read per step would make a GPU wait on the host each step.
