@@ -5,10 +5,11 @@ the reserved name face-id: dlib's 128-d face-identity descriptor of each image's
 (pip install --no-deps -r requirements-face-id.txt; a model file named face-id is ./face-id).
 Each member reads its own image root: data.root for whole images, data/cropped for face crops
 (--image-roots, in the members' order; face-id finds the face itself: whole images). Every member
-embeds the val, query and gallery images of data/prepared; the weights of the sum of their cosine similarities are chosen on val (a grid,
---step) unless --weights gives them; the test never chooses. Writes ordinary retrieval results
-(query file -> ranked gallery files, the retrieve stage's format) and prints each member's and the
-fusion's val score, and test score where the test labels are known.
+embeds the val, query and gallery images of data/prepared; the weights of the sum of their cosine
+similarities are chosen on val (a grid, --step) unless --weights gives them; the test never
+chooses. Writes ordinary retrieval results (query file -> ranked gallery files, the retrieve
+stage's format) and prints each member's and the fusion's val score, and test score where the
+test labels are known.
 """
 from __future__ import annotations
 
