@@ -27,7 +27,7 @@ with Student-t 95% intervals, paired differences included.
 
     OMP_NUM_THREADS=1 python bench/bench_face_domain.py [--seeds 5] [--epochs 10]
         [--pretrain-epochs 40] [--base crops|none] [--mode frozen|unfrozen]
-        [--stylised-train 0..4] [--gallery stylised|photo] [--face-id]  # about 2.5 min here
+        [--stylised-train 0..4] [--gallery stylised|photo] [--face-id] [--step 0.1]
 """
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ def describe_domain(full: Path) -> dict[str, np.ndarray]:
     return dict(zip(relative, described.vectors))
 
 
-def face_id_arm(root: Path, descriptors: dict[str, np.ndarray], crop: dict) -> dict:
+def face_id_arm(root: Path, descriptors: dict[str, np.ndarray], crop: dict, step: float) -> dict:
     """The face-id member's open test score alone, and fused with the crop arm (its weight
     chosen on the val images only)."""
     val = read_manifest(root / "prepared", "val")
@@ -204,7 +204,7 @@ def face_id_arm(root: Path, descriptors: dict[str, np.ndarray], crop: dict) -> d
     vectors = np.stack([descriptors[p.relative_to(root).as_posix()] for p in images])
     query, gallery = vectors[:n_query], vectors[n_query:]
     val_vectors = np.stack([descriptors[p] for p in val["path"]])
-    chosen, _ = choose_weights([crop["val"], val_vectors], val["label"].to_numpy())
+    chosen, _ = choose_weights([crop["val"], val_vectors], val["label"].to_numpy(), step)
     return {"alone": score(query, gallery, query_labels, gallery_labels), "weights": chosen,
             "fused": score(fused_vectors([crop["query"], query], chosen),
                            fused_vectors([crop["gallery"], gallery], chosen),
@@ -258,6 +258,8 @@ def main() -> None:
     parser.add_argument("--face-id", action="store_true",
                         help="add dlib's face-identity descriptor, alone and fused with the crop "
                              "arm (pip install --no-deps -r requirements-face-id.txt)")
+    parser.add_argument("--step", type=float, default=0.1,
+                        help="the fusions' weight grid step (chosen on val)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_face_domain"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -288,7 +290,8 @@ def main() -> None:
                                      "seed": seed})
         arms = {arm: run_arm(roots[arm], out / f"seed{seed}" / f"run_{arm}", params)
                 for arm in ARMS}
-        chosen, val = choose_weights([arms[a]["val"] for a in ARMS], arms["whole"]["val_labels"])
+        chosen, val = choose_weights([arms[a]["val"] for a in ARMS], arms["whole"]["val_labels"],
+                                     args.step)
         _, _, query_labels, gallery_labels = open_set(roots["whole"])
         fusion = score(fused_vectors([arms[a]["query"] for a in ARMS], chosen),
                        fused_vectors([arms[a]["gallery"] for a in ARMS], chosen),
@@ -297,18 +300,18 @@ def main() -> None:
             scores[arm].append(arms[arm]["test"])
         scores["fusion"].append(fusion)
         if args.face_id:
-            face_id = face_id_arm(roots["whole"], descriptors, arms["crop"])
+            face_id = face_id_arm(roots["whole"], descriptors, arms["crop"], args.step)
             scores["face-id"].append(face_id["alone"])
             scores["crop + face-id"].append(face_id["fused"])
             print(f"seed {seed}: face-id {face_id['alone']:.1f}; crop + face-id weights "
-                  f"{face_id['weights'][0]:.1f}/{face_id['weights'][1]:.1f}: "
+                  f"{face_id['weights'][0]:g}/{face_id['weights'][1]:g}: "
                   f"{face_id['fused']:.1f}", flush=True)
         print(f"seed {seed}: open test (val-picked epoch; epoch 0) whole "
               f"{arms['whole']['test']:.1f} (ep {arms['whole']['epoch']}; {arms['whole']['epoch0']:.1f}), "
               f"crop {arms['crop']['test']:.1f} (ep {arms['crop']['epoch']}; "
               f"{arms['crop']['epoch0']:.1f}), crop - whole "
               f"{arms['crop']['test'] - arms['whole']['test']:+.1f}; fusion weights whole/crop "
-              f"{chosen[0]:.1f}/{chosen[1]:.1f} (val {val:.1f}): {fusion:.1f}; "
+              f"{chosen[0]:g}/{chosen[1]:g} (val {val:.1f}): {fusion:.1f}; "
               f"{time.perf_counter() - seed_started:.0f} s", flush=True)
     print(f"\nface domain, open set, {len(test)} test identities, {args.seeds} seeds, "
           f"{args.gallery} gallery, {args.stylised_train} of 5 training images stylised, base {args.base}, {args.mode}, "
