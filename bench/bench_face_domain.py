@@ -19,12 +19,15 @@ model starts from a base that bench_accuracy.pretrain_base trains on the seed's 
 identities' crops (val identities left out; --base none: open_clip's random init) and is
 fine-tuned (frozen backbone by default) on each root; each arm is its val-picked epoch. The
 fusion ranks by a weighted sum of the two arms' cosines (clipcore.retrieve.fusion), its weight
-chosen on the val images only. Prints MTCNN's detection rate per split, then per seed the
-open-set test scores, and the means with Student-t 95% intervals, paired differences included.
+chosen on the val images only. --face-id adds dlib's face-identity descriptor
+(clipcore.retrieve.face_identity, requirements-face-id.txt; on the whole images, it finds the face
+itself; no training) alone, and fused with the crop arm (weight chosen on val). Prints MTCNN's
+(and dlib's) detection rate per split, then per seed the open-set test scores, and the means
+with Student-t 95% intervals, paired differences included.
 
     OMP_NUM_THREADS=1 python bench/bench_face_domain.py [--seeds 5] [--epochs 10]
         [--pretrain-epochs 40] [--base crops|none] [--mode frozen|unfrozen]
-        [--stylised-train 0..4] [--gallery stylised|photo]     # about 2.5 min here
+        [--stylised-train 0..4] [--gallery stylised|photo] [--face-id] [--step 0.1]
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ BACKGROUNDS = ("coffee", "chelsea", "rocket", "hubble_deep_field", "brick", "gra
                "coins", "immunohistochemistry")  # no human face in any (bench_faces.py checks four)
 DATA = {"data.val_split": "class", "data.val_fraction": 0.2}
 ARMS = ("whole", "crop")
+FACE_ID_ROWS = ("face-id", "crop + face-id")
 
 
 def lfw_faces() -> list[Image.Image]:
@@ -175,6 +179,38 @@ def crop_domain(full: Path, cropped: Path) -> None:
     shutil.copyfile(full / paths.DEMO_LABELS, cropped / paths.DEMO_LABELS)
 
 
+def describe_domain(full: Path) -> dict[str, np.ndarray]:
+    """dlib's face-identity descriptor of every image of the domain (whole images: it finds the
+    face itself), by path relative to the root; prints its detection rate per split."""
+    from clipcore.retrieve.face_identity import face_descriptors  # the optional extra
+    frames = {s: read_manifest(full / "prepared", s) for s in ("train", "val", "query", "gallery")}
+    relative = [p for frame in frames.values() for p in frame["path"]]
+    started = time.perf_counter()
+    described = face_descriptors([full / p for p in relative], desc="face-id")
+    seconds = time.perf_counter() - started
+    found = dict(zip(relative, described.found))
+    counts = {"training": [found[p] for s in ("train", "val") for p in frames[s]["path"]],
+              **{s: [found[p] for p in frames[s]["path"]] for s in ("query", "gallery")}}
+    print("dlib HOG faces found: " + ", ".join(f"{s} {sum(v)}/{len(v)}" for s, v in counts.items())
+          + f" (the others described whole); {len(relative) / seconds:.1f} images/s", flush=True)
+    return dict(zip(relative, described.vectors))
+
+
+def face_id_arm(root: Path, descriptors: dict[str, np.ndarray], crop: dict, step: float) -> dict:
+    """The face-id member's open test score alone, and fused with the crop arm (its weight
+    chosen on the val images only)."""
+    val = read_manifest(root / "prepared", "val")
+    images, n_query, query_labels, gallery_labels = open_set(root)
+    vectors = np.stack([descriptors[p.relative_to(root).as_posix()] for p in images])
+    query, gallery = vectors[:n_query], vectors[n_query:]
+    val_vectors = np.stack([descriptors[p] for p in val["path"]])
+    chosen, _ = choose_weights([crop["val"], val_vectors], val["label"].to_numpy(), step)
+    return {"alone": score(query, gallery, query_labels, gallery_labels), "weights": chosen,
+            "fused": score(fused_vectors([crop["query"], query], chosen),
+                           fused_vectors([crop["gallery"], gallery], chosen),
+                           query_labels, gallery_labels)}
+
+
 def pretrain_on_crops(crop_root: Path, out: Path, epochs: int, seed: int) -> Path:
     """bench_accuracy's base, trained on the crops of this seed's training identities that
     fine-tune (the val identities left out: they pick the epoch)."""
@@ -219,6 +255,11 @@ def main() -> None:
     parser.add_argument("--gallery", choices=("stylised", "photo"), default="stylised",
                         help="photo: a photo-like gallery too (framing alone, no rendering gap)")
     parser.add_argument("--mode", choices=tuple(bench.MODES), default="frozen")
+    parser.add_argument("--face-id", action="store_true",
+                        help="add dlib's face-identity descriptor, alone and fused with the crop "
+                             "arm (pip install --no-deps -r requirements-face-id.txt)")
+    parser.add_argument("--step", type=float, default=0.1,
+                        help="the fusions' weight grid step (chosen on val)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_face_domain"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -229,8 +270,9 @@ def main() -> None:
     write_face_domain(out / "full", faces, DOMAIN_SEED, args.stylised_train,
                       args.gallery == "stylised")
     crop_domain(out / "full", out / "full_cropped")
+    descriptors = describe_domain(out / "full") if args.face_id else None
     print(f"domain: {len(faces)} identities, {time.perf_counter() - started:.0f} s", flush=True)
-    scores = {name: [] for name in (*ARMS, "fusion")}
+    scores = {name: [] for name in (*ARMS, "fusion", *(FACE_ID_ROWS if args.face_id else ()))}
     for seed in range(args.seeds):
         seed_started = time.perf_counter()
         order = np.random.default_rng(seed).permutation(len(faces))
@@ -248,7 +290,8 @@ def main() -> None:
                                      "seed": seed})
         arms = {arm: run_arm(roots[arm], out / f"seed{seed}" / f"run_{arm}", params)
                 for arm in ARMS}
-        chosen, val = choose_weights([arms[a]["val"] for a in ARMS], arms["whole"]["val_labels"])
+        chosen, val = choose_weights([arms[a]["val"] for a in ARMS], arms["whole"]["val_labels"],
+                                     args.step)
         _, _, query_labels, gallery_labels = open_set(roots["whole"])
         fusion = score(fused_vectors([arms[a]["query"] for a in ARMS], chosen),
                        fused_vectors([arms[a]["gallery"] for a in ARMS], chosen),
@@ -256,12 +299,19 @@ def main() -> None:
         for arm in ARMS:
             scores[arm].append(arms[arm]["test"])
         scores["fusion"].append(fusion)
+        if args.face_id:
+            face_id = face_id_arm(roots["whole"], descriptors, arms["crop"], args.step)
+            scores["face-id"].append(face_id["alone"])
+            scores["crop + face-id"].append(face_id["fused"])
+            print(f"seed {seed}: face-id {face_id['alone']:.1f}; crop + face-id weights "
+                  f"{face_id['weights'][0]:g}/{face_id['weights'][1]:g}: "
+                  f"{face_id['fused']:.1f}", flush=True)
         print(f"seed {seed}: open test (val-picked epoch; epoch 0) whole "
               f"{arms['whole']['test']:.1f} (ep {arms['whole']['epoch']}; {arms['whole']['epoch0']:.1f}), "
               f"crop {arms['crop']['test']:.1f} (ep {arms['crop']['epoch']}; "
               f"{arms['crop']['epoch0']:.1f}), crop - whole "
               f"{arms['crop']['test'] - arms['whole']['test']:+.1f}; fusion weights whole/crop "
-              f"{chosen[0]:.1f}/{chosen[1]:.1f} (val {val:.1f}): {fusion:.1f}; "
+              f"{chosen[0]:g}/{chosen[1]:g} (val {val:.1f}): {fusion:.1f}; "
               f"{time.perf_counter() - seed_started:.0f} s", flush=True)
     print(f"\nface domain, open set, {len(test)} test identities, {args.seeds} seeds, "
           f"{args.gallery} gallery, {args.stylised_train} of 5 training images stylised, base {args.base}, {args.mode}, "
@@ -272,6 +322,11 @@ def main() -> None:
     print(f"  {'crop - whole (paired)':22s} {bench.mean_ci(np.subtract(scores['crop'], scores['whole']))}")
     print(f"  {'fusion - crop (paired)':22s} "
           f"{bench.mean_ci(np.subtract(scores['fusion'], scores['crop']))}")
+    if args.face_id:
+        for first, second in (("face-id", "crop"), ("crop + face-id", "crop"),
+                              ("crop + face-id", "face-id")):
+            print(f"  {f'{first} - {second} (paired)':22s} "
+                  f"{bench.mean_ci(np.subtract(scores[first], scores[second]))}")
     print(f"total {time.perf_counter() - started:.0f} s")
 
 
