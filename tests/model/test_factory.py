@@ -318,5 +318,7 @@ def test_cached_tag_loads_without_the_hub(tmp_path, monkeypatch):
     assert isinstance(built.clip.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     for name, tensor in quick.state_dict().items():
         assert torch.equal(built.clip.state_dict()[name], tensor), name
-    assert built.pixels.mean == (0.5,) * 3 and built.pixels.std == (0.25,) * 3
+    # The tag's mean and std normalise the model's input: white (255) is (1 - 0.5) / 0.25.
+    extremes = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2)
+    assert built.normalise(extremes).flatten().tolist() == [-2.0, 2.0] * 3
     assert built.base == {"name": "tiny", "pretrained": "cached", "sha256": None}
