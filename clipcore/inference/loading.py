@@ -65,7 +65,8 @@ class TrainedModel:
         with tqdm(total=len(images), desc=desc, unit="img") as bar:
             for start in range(0, len(images), self.embed.batch_size):
                 chunk = images[start:start + self.embed.batch_size]
-                rows.append(self._embed_batch(self.crop.files(chunk)))
+                rows.append(self._embed_batch(
+                    self.crop.files(chunk, self.model.preprocess_val.least_size)))
                 bar.update(len(chunk))
         return np.concatenate(rows)
 

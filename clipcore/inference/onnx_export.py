@@ -97,7 +97,7 @@ def onnx_embeddings(onnx_file: Path, model: FineTunedCLIP, images: Sequence[Path
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         decoded = ([load_rgb(p, transform.least_size) for p in chunk] if crop is None
-                   else crop.files(chunk))
+                   else crop.files(chunk, transform.least_size))
         batch = torch.stack([transform(image) for image in decoded]).float().div(255)
         chunks.append(session.run(["embedding"], {"pixels": batch.numpy()})[0])
     return np.concatenate(chunks)
