@@ -4,7 +4,8 @@
   ToTensor + Normalize; train: RandomHorizontalFlip + RandomResizedCrop + ToTensor + Normalize),
   the full decode, float32 handed over;
 - after: the model's pixel pipeline (clipcore/data/pixels.py): JPEG draft decoding, resize on
-  uint8 tensors, uint8 handed over (the model normalises on its device).
+  uint8 tensors, uint8 handed over, stacked in its own memory order (collate_pixels, as
+  clipcore.model.features.image_loader does); the model normalises on its device.
 
 Both on the same realistic JPEGs made here (bench/gpu/photos.py: smooth colour fields, texture
 and sensor-like noise, quality 90) at 250x250 (a face crop) and 1024x768 (a photo), the val
@@ -35,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.gpu.photos import SIZES, photo  # noqa: E402
 from clipcore.data.images import ImageFiles  # noqa: E402
+from clipcore.data.pixels import collate_pixels  # noqa: E402
 from clipcore.model.factory import build_model  # noqa: E402
 from clipcore.params import ModelParams  # noqa: E402
 from clipcore.train.sampling import SeededImages  # noqa: E402
@@ -59,14 +61,16 @@ def dataset(files: list[Path], kind: str, transform):
     return SeededImages(files, transform), [keys[i:i + BATCH] for i in range(0, len(keys), BATCH)]
 
 
-def rate(files: list[Path], kind: str, transform, workers: int) -> tuple[float, float, torch.dtype]:
+def rate(files: list[Path], kind: str, transform, workers: int,
+         collate=None) -> tuple[float, float, torch.dtype]:
     """images per CPU second of the process doing the pixel work (the worker, whose CPU time
     the main process collects when it exits; or this process), images per wall second from the
     first batch to the last (worker start-up left out), and the batches' dtype. CPU seconds: a
     shared machine's other load barely moves them, where it moves wall time a lot."""
     images, batches = dataset(files, kind, transform)
-    loader = (DataLoader(images, batch_size=BATCH, num_workers=workers) if batches is None else
-              DataLoader(images, batch_sampler=batches, num_workers=workers))
+    loader = (DataLoader(images, batch_size=BATCH, num_workers=workers, collate_fn=collate)
+              if batches is None else
+              DataLoader(images, batch_sampler=batches, num_workers=workers, collate_fn=collate))
     cpu = _children_cpu() if workers else time.process_time()
     seen, started, dtype = 0, None, None
     for pixels, _ in loader:
@@ -113,9 +117,10 @@ def main() -> None:
                 for workers, where in ((1, "1 worker"), (0, "in-process")):
                     best = {"before": (0.0, 0.0), "after": (0.0, 0.0)}
                     for _ in range(rounds):  # interleaved, so drift in the machine's load hits both
-                        for path, transform, dtype in (("before", old[kind], torch.float32),
-                                                       ("after", new[kind], torch.uint8)):
-                            cpu, wall, got = rate(files, kind, transform, workers)
+                        for path, transform, dtype, collate in (
+                                ("before", old[kind], torch.float32, None),
+                                ("after", new[kind], torch.uint8, collate_pixels)):
+                            cpu, wall, got = rate(files, kind, transform, workers, collate)
                             assert got == dtype, (path, got)
                             best[path] = max(best[path], (cpu, wall))
                     (before, wall_before), (after, wall_after) = best["before"], best["after"]

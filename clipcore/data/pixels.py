@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
@@ -146,6 +147,17 @@ def _reduced(width: int, height: int, factor: float) -> tuple[int, int]:
     return math.ceil(width / factor), math.ceil(height / factor)
 
 
+def collate_pixels(items: list) -> list:
+    """default_collate for (pixels, position) items, stacking each image in its own memory
+    order: the transforms' (3, H, W) pixels lie channels-last in memory (PIL's order), and
+    stacking them into a channels-first batch would cost a worker a transposing copy (a quarter
+    of a millisecond per 224 px image, a fifth of the whole val path at 250x250). The batch is
+    (B, 3, H, W) all the same, channels-last in memory until `Normalise` (on the device, where
+    reordering costs next to nothing) makes it contiguous."""
+    batch = default_collate([(pixels.permute(1, 2, 0), *rest) for pixels, *rest in items])
+    return [batch[0].permute(0, 3, 1, 2), *batch[1:]]
+
+
 class Normalise(nn.Module):
     """uint8 pixels -> the model's float input, (x / 255 - mean) / std, as ToTensor + Normalize
     computed it, on the device the pixels are on (the module moves with the model). The buffers
@@ -158,5 +170,8 @@ class Normalise(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels: uint8 (..., 3, H, W); or float in [0, 1] (the ONNX graph's input)."""
+        # Contiguous: the layout the model's convolution always had (a channels-last batch from
+        # collate_pixels would pick other kernels, and other rounding).
+        pixels = pixels.contiguous()
         scaled = pixels.float().div(255) if pixels.dtype == torch.uint8 else pixels
         return scaled.sub(self.mean).div(self.std)

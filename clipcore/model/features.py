@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clipcore.data.images import ImageFiles, UnreadableImage
+from clipcore.data.pixels import collate_pixels
 from clipcore.errors import ClipcoreError
 from clipcore.model.factory import FineTunedCLIP
 
@@ -109,7 +110,8 @@ class _Loader(DataLoader):
 def image_loader(images: Dataset, *, num_workers: int | str, device: torch.device,
                  batch_size: int | None = None, batch_sampler: Iterable | None = None) -> DataLoader:
     """(images, positions) batches of `images` (an ImageFiles, or training's SeededImages),
-    decoded by `num_workers` workers (a count, or "auto": `loader_workers`).
+    decoded by `num_workers` workers (a count, or "auto": `loader_workers`); uint8 pixels
+    stacked in their own memory order (`collate_pixels`).
 
     The loader draws its workers' seeds from a private generator, so reading images never moves
     the global RNG that dropout and training use.
@@ -118,7 +120,7 @@ def image_loader(images: Dataset, *, num_workers: int | str, device: torch.devic
         images, batch_size=batch_size if batch_sampler is None else 1,
         batch_sampler=batch_sampler, shuffle=False,
         num_workers=loader_workers(num_workers, device),
-        pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
+        pin_memory=device.type == "cuda", worker_init_fn=seed_worker, collate_fn=collate_pixels,
         generator=torch.Generator().manual_seed(0))
 
 

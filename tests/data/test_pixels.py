@@ -7,10 +7,17 @@ import pytest
 import torch
 from conftest import photo_like
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from torch.utils.data import default_collate
 from torchvision import transforms
 
 from clipcore.data.images import ImageFiles, load_rgb
-from clipcore.data.pixels import Normalise, PixelSettings, TrainPixels, ValPixels
+from clipcore.data.pixels import (
+    Normalise,
+    PixelSettings,
+    TrainPixels,
+    ValPixels,
+    collate_pixels,
+)
 from clipcore.model.factory import build_model
 from clipcore.model.features import backbone_features, image_loader
 from clipcore.params import ModelParams
@@ -110,3 +117,16 @@ def test_uint8_and_normalised_float_give_the_same_features(tiny, jpegs):
     with torch.no_grad():
         assert torch.equal(tiny.backbone_features(batch),
                            tiny.backbone_features(tiny.normalise(batch)))
+
+
+def test_batches_stack_in_the_images_memory_order_and_normalise_contiguous(tiny, jpegs):
+    """collate_pixels skips the transposing copy: the same values as default_collate, and the
+    model sees the contiguous input it always had (the same features, to the bit)."""
+    items = [(tiny.preprocess_val(load_rgb(f)), i) for i, f in enumerate(jpegs)]
+    ours, positions = collate_pixels(items)
+    theirs, _ = default_collate(items)
+    assert torch.equal(ours, theirs) and positions.tolist() == list(range(len(jpegs)))
+    assert ours.is_contiguous(memory_format=torch.channels_last) and not ours.is_contiguous()
+    assert tiny.normalise(ours).is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(tiny.backbone_features(ours), tiny.backbone_features(theirs))
