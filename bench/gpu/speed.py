@@ -25,6 +25,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from clipcore import paths
 from clipcore.data.images import ImageFiles
+from clipcore.data.pixels import ValPixels, collate_pixels
 from clipcore.model.factory import build_model
 from clipcore.model.features import autocast, backbone_features, cpu_cores
 from clipcore.params import ModelParams
@@ -127,9 +128,11 @@ def _gpu_only_rates(model, scale: dict) -> dict[str, dict[int, float]]:
 
 
 def loader_rate(images: list[Path], transform, workers: int, batch: int, pin: bool) -> float:
-    """images/s of a DataLoader, from its first batch (worker start-up left out) to its last."""
+    """images/s of a DataLoader, from its first batch (worker start-up left out) to its last;
+    the model's uint8 pixels stacked as image_loader stacks them (collate_pixels)."""
+    collate = collate_pixels if isinstance(transform, ValPixels) else None
     loader = DataLoader(ImageFiles(images, transform), batch_size=batch, num_workers=workers,
-                        pin_memory=pin)
+                        pin_memory=pin, collate_fn=collate)
     seen, started = 0, None
     for pixels, _ in loader:
         if started is None:

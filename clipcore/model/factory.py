@@ -18,8 +18,8 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from torch import nn
 from open_clip.transform import AugmentationCfg
+from torch import nn
 
 from clipcore.data.pixels import Normalise, PixelSettings, TrainPixels, ValPixels
 from clipcore.errors import ClipcoreError
