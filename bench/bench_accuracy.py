@@ -138,7 +138,7 @@ def pretrain_base(root: Path, out: Path, epochs: int, seed: int = 0, model_name:
     files = sorted((root / "train").glob("*/*.png"))
     classes = sorted({f.parent.name for f in files})
     labels = torch.tensor([classes.index(f.parent.name) for f in files])
-    images = torch.stack([model.preprocess_val(Image.open(f)) for f in files])
+    images = model.normalise(torch.stack([model.preprocess_val(Image.open(f)) for f in files]))
     proxies = torch.nn.Parameter(torch.randn(len(classes), model.embed_dim) * 0.01)
     lr, scheduled = PRETRAIN_RECIPES[model_name]
     optimizer = torch.optim.AdamW([*visual.parameters(), proxies], lr=lr, weight_decay=0.05)

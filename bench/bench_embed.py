@@ -90,7 +90,7 @@ def main() -> None:
         model = load_model(paths.model_path(0))
         files = [root / p for split in ("query", "gallery")
                  for p in read_manifest(prepared, split)["path"]]
-        ready = torch.stack([model.preprocess_val(load_rgb(f)) for f in files])
+        ready = model.normalise(torch.stack([model.preprocess_val(load_rgb(f)) for f in files]))
         with torch.inference_mode():
             model.clip.encode_image(ready[:args.batch_size])  # warm-up
         stage_s, load_s, bare_s = [], [], []

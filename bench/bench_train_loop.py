@@ -70,7 +70,7 @@ def bare_train_speed(model, images: list[Path], batch: int) -> float:
     for pixels, index in loader:
         pixels = pixels.to(device, non_blocking=True)
         with autocast(device):
-            features = F.normalize(clip.encode_image(pixels), dim=-1)
+            features = F.normalize(clip.encode_image(model.normalise(pixels)), dim=-1)
             loss = F.cross_entropy(100 * features @ classes.T, index.to(device) % 10)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -21,8 +21,8 @@ are no weights there), on the CPU the tiny model:
 6.   resume: the unfrozen run stopped after epoch 1 and resumed, its optimizer state loaded back
      onto the device, ends as the run that never stopped (losses 1e-3, CPU 1e-4).
 7-9. speed on realistic JPEGs made here (250x250 and 1024x768; bench/gpu/speed.py): GPU only
-     (ready tensors, warmed up, batch 64 to 512), loader only (8 against all workers, float32
-     against uint8), and the pipeline's own (unfrozen train with the default augmentation,
+     (ready tensors, warmed up, batch 64 to 512), loader only (8 against all workers, open_clip's
+     PIL transform handing over float32 against the model's uint8 pipeline), and the pipeline's own (unfrozen train with the default augmentation,
      embed's feature pass), with its share of the GPU-only rate at batch 64 (goal >= 0.7).
 
 Without CUDA the bf16 checks compare fp32_stage.py with the plain stage (the plumbing only:

@@ -8,6 +8,7 @@ import signal
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -132,3 +133,20 @@ def write_face_root(root: Path) -> Path:
             target.mkdir(parents=True, exist_ok=True)
             picture.save(target / f"{name}_{folder.split('/')[1][0]}{len(list(target.iterdir()))}.png")
     return Path(root)
+
+
+def photo_like(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A camera-like RGB picture of `size` (width, height): smooth colour fields, texture and
+    sensor-like noise, so resizing and JPEG decoding behave as on a photo (a flat image would
+    hide their differences)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+
+    def field(cells: tuple[int, int], amplitude: float) -> np.ndarray:
+        grid = Image.fromarray((rng.random((*cells, 3)) * 255).astype(np.uint8))
+        return np.asarray(grid.resize(size, Image.BICUBIC), dtype=np.float32) * amplitude
+
+    ramp = np.linspace(0, 60, width, dtype=np.float32)[None, :, None]
+    pixels = (field((5, 7), 0.7) + field((max(1, height // 12), max(1, width // 12)), 0.25)
+              + ramp + rng.normal(0, 5, (height, width, 3)))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))

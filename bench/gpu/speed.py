@@ -2,8 +2,9 @@
 
 - GPU only: the model on ready tensors already on the device, warmed up, batch 64 to 512 (what
   the device can take at most: training step with fused AdamW, and the inference pass);
-- loader only: a DataLoader decoding and transforming the JPEGs with the model's val transform,
-  8 workers against all the cores, handing over float32 (as today) or uint8;
+- loader only: a DataLoader decoding and transforming the JPEGs with a val transform, 8 workers
+  against all the cores: open_clip's PIL transform handing over float32 (before issue 25) or the
+  model's own (clipcore.data.pixels: draft decoding, tensor resize, uint8);
 - the pipeline's own: `stages.train` unfrozen (its last epoch's images/s, data loading in it)
   and embed's backbone-feature pass (clipcore.model.features.backbone_features).
 
@@ -20,10 +21,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision.transforms import Compose, PILToTensor
+from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from clipcore import paths
 from clipcore.data.images import ImageFiles
+from clipcore.data.pixels import ValPixels, collate_pixels
 from clipcore.model.factory import build_model
 from clipcore.model.features import autocast, backbone_features, cpu_cores
 from clipcore.params import ModelParams
@@ -125,21 +127,12 @@ def _gpu_only_rates(model, scale: dict) -> dict[str, dict[int, float]]:
     return rates
 
 
-def uint8_transform(preprocess: Compose) -> Compose:
-    """The val transform up to its tensor conversion, then uint8 pixels (no float, no
-    normalisation: what a worker would hand over if the device normalised)."""
-    steps = []
-    for step in preprocess.transforms:
-        if "ToTensor" in type(step).__name__:
-            break
-        steps.append(step)
-    return Compose([*steps, PILToTensor()])
-
-
 def loader_rate(images: list[Path], transform, workers: int, batch: int, pin: bool) -> float:
-    """images/s of a DataLoader, from its first batch (worker start-up left out) to its last."""
+    """images/s of a DataLoader, from its first batch (worker start-up left out) to its last;
+    the model's uint8 pixels stacked as image_loader stacks them (collate_pixels)."""
+    collate = collate_pixels if isinstance(transform, ValPixels) else None
     loader = DataLoader(ImageFiles(images, transform), batch_size=batch, num_workers=workers,
-                        pin_memory=pin)
+                        pin_memory=pin, collate_fn=collate)
     seen, started = 0, None
     for pixels, _ in loader:
         if started is None:
@@ -153,7 +146,9 @@ def check_loader(machine: Machine) -> Result:
     model, scale = _model(machine), _scale(machine)
     cores = cpu_cores()
     counts = [0] if machine.quick else sorted({min(8, cores), cores})
-    transforms = {"float32": model.preprocess_val, "uint8": uint8_transform(model.preprocess_val)}
+    transforms = {"float32": image_transform_v2(PreprocessCfg(**model.clip.visual.preprocess_cfg),
+                                                is_train=False),
+                  "uint8": model.preprocess_val}
     rates = {}
     for size in SIZES:
         _, images = _photos(machine, size)

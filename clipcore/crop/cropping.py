@@ -12,6 +12,7 @@ import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 from PIL import Image
@@ -91,15 +92,18 @@ def face_or_whole(detector, images: list[Image.Image], margin: float
             for image, face in zip(images, largest_faces(detector, images))]
 
 
-def as_written(crop: Image.Image, suffix: str) -> Image.Image:
+def as_written(crop: Image.Image, suffix: str,
+               least_size: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
     """A crop as decoding the file the stage writes for it gives it back: a JPEG's loses what
-    JPEG_QUALITY loses (inference embeds the crops the model trained on, pixel for pixel)."""
+    JPEG_QUALITY loses (inference embeds the crops the model trained on, pixel for pixel), and
+    decodes at the reduced scale `least_size` allows, as the model's loaders decode the file
+    (clipcore.data.images.load_rgb)."""
     if suffix.lower() not in JPEG_SUFFIXES:
         return crop
     encoded = io.BytesIO()
     crop.save(encoded, format="JPEG", **_save_options(suffix))
     encoded.seek(0)
-    return load_rgb(encoded)
+    return load_rgb(encoded, least_size)
 
 
 def _save_options(suffix: str) -> dict:

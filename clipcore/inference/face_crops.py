@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from PIL import Image
 
@@ -41,16 +41,22 @@ class ImageCrop:
             return list(images)
         return [crop for crop, _ in face_or_whole(self.detector, list(images), self.margin)]
 
-    def files(self, files: Sequence[Path]) -> list[Image.Image]:
-        """Image files decoded and cropped as the embed stage reads the crop stage's files."""
+    def files(self, files: Sequence[Path],
+              least_size: Callable[[int, int], tuple[int, int]] | None = None) -> list[Image.Image]:
+        """Image files decoded and cropped as the embed stage reads the crop stage's files: a
+        large JPEG at the reduced scale `least_size` allows (the model's transform's, as its
+        loaders decode files), the detector seeing the whole image."""
         try:
-            images = [load_rgb(file) for file in files]
+            if self.crop == "none":
+                return [load_rgb(file, least_size) for file in files]
+            pairs = face_or_whole(self.detector, [load_rgb(file) for file in files], self.margin)
+            # What the embed stage decodes: the crop stage's file of each face crop, or its copy
+            # of a faceless image's file.
+            return [load_rgb(file, least_size) if face is None
+                    else as_written(crop, Path(file).suffix, least_size)
+                    for file, (crop, face) in zip(files, pairs)]
         except UnreadableImage as exc:
             raise ClipcoreError(str(exc)) from None
-        if self.crop == "none":
-            return images
-        return [crop if face is None else as_written(crop, Path(file).suffix) for file, (crop, face)
-                in zip(files, face_or_whole(self.detector, images, self.margin))]
 
 
 def image_crop(file: Path, recorded: dict | None, run_data: dict, run_source: str) -> ImageCrop:

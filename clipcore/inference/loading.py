@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipcore import paths
+from clipcore.data.images import load_rgb
 from clipcore.errors import ClipcoreError
 from clipcore.files import file_sha256
 from clipcore.inference.face_crops import ImageCrop, image_crop
@@ -48,8 +49,14 @@ class TrainedModel:
         with torch.inference_mode():
             return self.model.embed_features(features).float().cpu().numpy()
 
+    def decode(self, file: Path | BinaryIO) -> Image.Image:
+        """An image file decoded as embed_files decodes it: a large JPEG at the reduced scale
+        its resize allows (clipcore.data.images.load_rgb), in full where a face is to be found."""
+        least_size = None if self.crop.crop == "face" else self.model.preprocess_val.least_size
+        return load_rgb(file, least_size)
+
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """embed_files for decoded RGB images (the service's uploads), in one batch."""
+        """embed_files for decoded RGB images (the service's uploads: `decode`), in one batch."""
         return self._embed_batch(self.crop.images(images))
 
     def _embed_cropped(self, images: Sequence[Path], desc: str) -> np.ndarray:
@@ -58,7 +65,8 @@ class TrainedModel:
         with tqdm(total=len(images), desc=desc, unit="img") as bar:
             for start in range(0, len(images), self.embed.batch_size):
                 chunk = images[start:start + self.embed.batch_size]
-                rows.append(self._embed_batch(self.crop.files(chunk)))
+                rows.append(self._embed_batch(
+                    self.crop.files(chunk, self.model.preprocess_val.least_size)))
                 bar.update(len(chunk))
         return np.concatenate(rows)
 

@@ -1,7 +1,8 @@
 """ONNX export of a trained model's image side: the image tower, the head and the final L2
 normalisation (with the run's flip TTA and WiSE-FT weights as they embed), the input's mean/std
 normalisation included. Input `pixels`: float32 (batch, 3, size, size) RGB in [0, 1], the image
-resized and centre-cropped as the JSON written beside the .onnx file says; output `embedding`:
+resized and centre-cropped as the JSON written beside the .onnx file says (the model's own
+pixel pipeline, clipcore.data.pixels, uint8 / 255); output `embedding`:
 (batch, embed_dim) unit vectors. The batch dimension is dynamic.
 
 onnx and onnxruntime are an extra install (requirements-export.txt): nothing else needs them.
@@ -19,7 +20,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from torchvision import transforms
 
 from clipcore.data.images import load_rgb
 from clipcore.errors import ClipcoreError
@@ -45,23 +45,14 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, model: FineTunedCLIP, tta: str):
         super().__init__()
-        normalize = _normalize(model)
         self.model, self.tta = model, tta
-        self.register_buffer("mean", torch.tensor(normalize.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(normalize.std).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        images = (pixels - self.mean) / self.std
+        images = self.model.normalise(pixels)  # its mean/std, as backbone_features applies them
         features = self.model.backbone_features(images)
         if self.tta == "flip":
             features = torch.stack([features, self.model.backbone_features(images.flip(-1))], 1)
         return self.model.embed_features(features)
-
-
-def pixel_transform(model: FineTunedCLIP) -> transforms.Compose:
-    """The model's validation transform without its Normalize: what the ONNX input expects."""
-    return transforms.Compose([t for t in model.preprocess_val.transforms
-                               if not isinstance(t, transforms.Normalize)])
 
 
 def export_onnx(trained: TrainedModel, out: Path) -> dict:
@@ -80,14 +71,13 @@ def export_onnx(trained: TrainedModel, out: Path) -> dict:
                           dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}})
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    normalize = _normalize(model)
     sidecar = {
         "input": {"name": "pixels", "shape": ["batch", 3, size, size], "range": [0.0, 1.0],
                   "layout": "RGB, channels first"},
         "output": {"name": "embedding", "shape": ["batch", model.embed_dim], "unit_length": True},
-        "preprocess": {"steps_before_the_graph": [str(t) for t in pixel_transform(model).transforms],
-                       "mean_std_inside_the_graph": {"mean": list(normalize.mean),
-                                                     "std": list(normalize.std)}},
+        "preprocess": {"steps_before_the_graph": model.preprocess_val.steps(),
+                       "mean_std_inside_the_graph": {"mean": list(model.pixels.mean),
+                                                     "std": list(model.pixels.std)}},
         "model": str(trained.file), "model_sha256": trained.sha256, "tta": trained.embed.tta,
         "wise_ft_alpha": trained.embed.wise_ft_alpha, "opset": OPSET,
         # Before the steps above: the model trained on face crops (clipcore.crop, MTCNN).
@@ -102,22 +92,15 @@ def onnx_embeddings(onnx_file: Path, model: FineTunedCLIP, images: Sequence[Path
     first by `crop`, as TrainedModel.embed_files crops them)."""
     onnxruntime = _require("onnxruntime")
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    transform = pixel_transform(model)
+    transform = model.preprocess_val
     chunks = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        decoded = [load_rgb(p) for p in chunk] if crop is None else crop.files(chunk)
-        batch = torch.stack([transform(image) for image in decoded])
+        decoded = ([load_rgb(p, transform.least_size) for p in chunk] if crop is None
+                   else crop.files(chunk, transform.least_size))
+        batch = torch.stack([transform(image) for image in decoded]).float().div(255)
         chunks.append(session.run(["embedding"], {"pixels": batch.numpy()})[0])
     return np.concatenate(chunks)
-
-
-def _normalize(model: FineTunedCLIP) -> transforms.Normalize:
-    found = [t for t in model.preprocess_val.transforms if isinstance(t, transforms.Normalize)]
-    if len(found) != 1:
-        raise ClipcoreError(f"{model.base['name']}: its transform has {len(found)} Normalize "
-                            f"steps, the export expects one")
-    return found[0]
 
 
 def _crop_size(model: FineTunedCLIP) -> int:

@@ -77,7 +77,7 @@ def create_app(trained: TrainedModel, index: GalleryIndex, *, max_upload_bytes: 
 
     def _search(data: bytes, k: int) -> dict:
         try:
-            image = load_rgb(io.BytesIO(data))
+            image = trained.decode(io.BytesIO(data))
         except UnreadableImage as exc:
             raise HTTPException(400, f"not a readable image ({str(exc).split(': ', 1)[-1]})")
         if not slots.acquire(timeout=queue_timeout_s):

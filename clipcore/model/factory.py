@@ -18,9 +18,10 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transform import AugmentationCfg
 from torch import nn
-from torchvision import transforms
 
+from clipcore.data.pixels import Normalise, PixelSettings, TrainPixels, ValPixels
 from clipcore.errors import ClipcoreError
 from clipcore.model.weights import load_failure, resolve_weights
 from clipcore.params import ModelParams
@@ -49,18 +50,19 @@ def build_model(model: ModelParams, device: str | torch.device = "cpu") -> "Fine
         # would start from this seed whatever `seed` says.
         with torch.random.fork_rng(devices=[]), _quiet_random_init(weights.source is None):
             torch.default_generator.manual_seed(RANDOM_INIT_SEED)
-            clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            clip = open_clip.create_model(
                 model.name, pretrained=weights.source, device=device,
                 force_quick_gelu=weights.quick_gelu, pretrained_text=False,
-                image_mean=weights.preprocess.get("mean"), image_std=weights.preprocess.get("std"),
-                image_interpolation=weights.preprocess.get("interpolation"),
-                image_resize_mode=weights.preprocess.get("resize_mode"))
+                force_preprocess_cfg=weights.preprocess)
     except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
         raise ClipcoreError(f"model.pretrained: cannot load {model.pretrained!r} into {model.name}: "
                             f"{load_failure(exc)}") from exc
     base = {"name": model.name, "pretrained": model.pretrained, "sha256": weights.sha256}
+    # The model's preprocessing as open_clip resolved it (config, then the tag's mean/std...),
+    # and open_clip's train crop scale.
+    pixels = PixelSettings.from_open_clip(clip.visual.preprocess_cfg, AugmentationCfg().scale)
     return FineTunedCLIP(
-        clip, open_clip.get_tokenizer(model.name), preprocess_train, preprocess_val,
+        clip, open_clip.get_tokenizer(model.name), pixels,
         feature_dim=feature_dim, embed_dim=model.embed_dim, dropout=model.dropout, base=base,
         head=model.head).to(device)
 
@@ -92,7 +94,7 @@ class FineTunedCLIP(nn.Module):
     of CLIP's features, not zero-shot CLIP.
     """
 
-    def __init__(self, clip: nn.Module, tokenizer, preprocess_train, preprocess_val, *,
+    def __init__(self, clip: nn.Module, tokenizer, pixels: PixelSettings, *,
                  feature_dim: int, embed_dim: int, dropout: float, base: dict, head: str):
         super().__init__()
         _check_embed_dim(embed_dim, feature_dim)
@@ -108,10 +110,12 @@ class FineTunedCLIP(nn.Module):
             raise ClipcoreError(f"model.head: unknown head {head!r} (one of {', '.join(HEADS)})")
         self.head_kind = head
         self.head = HEADS[head](feature_dim, embed_dim, dropout)
-        # open_clip's train transform is a random resized crop only; retrieval wants flips too.
-        self.preprocess_train = transforms.Compose(
-            [transforms.RandomHorizontalFlip(), *preprocess_train.transforms])
-        self.preprocess_val = preprocess_val
+        # The DataLoader workers' transforms (decoded image -> uint8 pixels) and the
+        # normalisation on the device (backbone_features): clipcore.data.pixels. The train
+        # transform flips too (open_clip's is a random resized crop only; retrieval wants flips).
+        self.pixels = pixels
+        self.preprocess_train, self.preprocess_val = TrainPixels(pixels), ValPixels(pixels)
+        self.normalise = Normalise(pixels)
         self.set_backbone_trainable(False)
 
     def train_transform(self, augment: bool):
@@ -136,7 +140,11 @@ class FineTunedCLIP(nn.Module):
         return self
 
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
-        """CLIP image features (B, feature_dim), not normalised: what the head takes."""
+        """CLIP image features (B, feature_dim), not normalised: what the head takes. `images`:
+        uint8 pixels (B, 3, H, W) as the transforms make them, normalised here on their device;
+        or float, already normalised (mean/std) as the model takes them."""
+        if images.dtype == torch.uint8:
+            images = self.normalise(images)
         return self.clip.encode_image(images)
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clipcore.data.images import ImageFiles, UnreadableImage
+from clipcore.data.pixels import collate_pixels
 from clipcore.errors import ClipcoreError
 from clipcore.model.factory import FineTunedCLIP
 from clipcore.model.pixel_cache import PixelCache
@@ -111,8 +112,9 @@ def image_loader(images: Dataset, *, num_workers: int | str, device: torch.devic
                  batch_size: int | None = None, batch_sampler: Iterable | None = None,
                  persistent: bool = False) -> DataLoader:
     """(images, positions) batches of `images` (an ImageFiles, or training's SeededImages),
-    decoded by `num_workers` workers (a count, or "auto": `loader_workers`); `persistent`: the
-    workers stay between passes (a loader iterated again, every epoch) instead of starting anew.
+    decoded by `num_workers` workers (a count, or "auto": `loader_workers`), uint8 pixels
+    stacked in their own memory order (`collate_pixels`); `persistent`: the workers stay between
+    passes (a loader iterated again, every epoch) instead of starting anew.
 
     The loader draws its workers' seeds from a private generator, so reading images never moves
     the global RNG that dropout and training use.
@@ -122,7 +124,7 @@ def image_loader(images: Dataset, *, num_workers: int | str, device: torch.devic
         images, batch_size=batch_size if batch_sampler is None else 1,
         batch_sampler=batch_sampler, shuffle=False, num_workers=workers,
         persistent_workers=persistent and workers > 0,
-        pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
+        pin_memory=device.type == "cuda", worker_init_fn=seed_worker, collate_fn=collate_pixels,
         generator=torch.Generator().manual_seed(0))
 
 

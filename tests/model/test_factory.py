@@ -63,7 +63,7 @@ def test_tiny_builds_fast():
     params = sum(p.numel() for p in built.parameters())
     print(f"tiny: built in {seconds:.3f} s, {params / 1e6:.1f}M parameters")
     assert seconds < 2.0
-    assert built.preprocess_val.transforms[0].size == 32
+    assert built.pixels.size == (32, 32)
 
 
 def test_none_is_the_same_random_base_every_time(model):
@@ -124,9 +124,11 @@ def test_a_model_file_of_the_older_format_names_its_version(tmp_path, model):
 def test_identity_head_gives_zero_shot_clip_embeddings(model, images):
     model.eval()
     with torch.no_grad():
-        expected = F.normalize(model.clip.encode_image(images), dim=-1)
+        normalised = model.normalise(images)  # the uint8 pixels as the model takes them
+        expected = F.normalize(model.clip.encode_image(normalised), dim=-1)
         assert torch.equal(model(images), expected)
-        assert torch.equal(model.backbone_features(images), model.clip.encode_image(images))
+        assert torch.equal(model.backbone_features(images), model.clip.encode_image(normalised))
+        assert torch.equal(model.backbone_features(normalised), model.backbone_features(images))
 
 
 def test_untrained_head_stays_the_identity_once_standardising(images):
@@ -144,7 +146,7 @@ def test_wider_head_pads_with_zeros(model, images):
     assert not wide.head.linear.weight.any() and not wide.head.linear.bias.any()
     with torch.no_grad():
         embedded = wide(images)
-        expected = F.normalize(model.eval().clip.encode_image(images), dim=-1)
+        expected = F.normalize(model.eval().clip.encode_image(model.normalise(images)), dim=-1)
     assert embedded.shape == (4, 640)
     assert torch.equal(embedded[:, :512], expected) and not embedded[:, 512:].any()
 
@@ -191,7 +193,8 @@ def test_train_transform_flips_and_crops_only_when_augmenting(model):
     assert model.train_transform(False) is model.preprocess_val
     torch.manual_seed(0)
     augmented = [model.train_transform(True)(half_white) for _ in range(20)]
-    left_brighter = [bool(x[:, :, :16].mean() > x[:, :, 16:].mean()) for x in augmented]
+    left_brighter = [bool(x[:, :, :16].float().mean() > x[:, :, 16:].float().mean())
+                     for x in augmented]
     assert 0 < sum(left_brighter) < 20, "every view has the same orientation: no flip"
     assert len({tuple(x.flatten()[:200].tolist()) for x in augmented}) > 2, "no random crop"
     plain = model.train_transform(False)
@@ -315,5 +318,7 @@ def test_cached_tag_loads_without_the_hub(tmp_path, monkeypatch):
     assert isinstance(built.clip.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     for name, tensor in quick.state_dict().items():
         assert torch.equal(built.clip.state_dict()[name], tensor), name
-    assert built.preprocess_val.transforms[-1].mean == (0.5,) * 3
+    # The tag's mean and std normalise the model's input: white (255) is (1 - 0.5) / 0.25.
+    extremes = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2)
+    assert built.normalise(extremes).flatten().tolist() == [-2.0, 2.0] * 3
     assert built.base == {"name": "tiny", "pretrained": "cached", "sha256": None}

@@ -8,13 +8,16 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import photo_like
 from PIL import Image
 from torch.utils.data import BatchSampler, RandomSampler
 from torchvision import transforms
 
 from clipcore.data.manifests import read_manifest
+from clipcore.model.factory import build_model
+from clipcore.model.features import image_loader
 from clipcore.errors import ClipcoreError
-from clipcore.params import ParamsError
+from clipcore.params import ModelParams, ParamsError
 from clipcore.train.losses.clip import RetrievalClipLoss
 from clipcore.train.sampling import (
     ClassBalancedBatchSampler,
@@ -110,6 +113,29 @@ def test_an_images_augmentation_comes_from_its_own_seed(tmp_path):
     seeds = [seed for batch in plan for _, seed in batch]
     assert len(set(seeds)) == 4
     assert not set(seeds) & {s for b in epoch_plan(batches, seed=42, epoch=2) for _, s in b}
+
+
+def test_the_models_augmentation_is_the_same_for_any_worker_count(tmp_path):
+    """The model's own augmentation (uint8 flips and crops, JPEG draft decoding): each image of
+    the plan comes out the same from 0, 1 or 2 DataLoader workers, and again for the same seed."""
+    model = build_model(ModelParams(name="tiny", pretrained="none", embed_dim=512, dropout=0.1))
+    paths = []
+    for i, size in enumerate([(1024, 768), (250, 250), (300, 900), (64, 48)]):
+        paths.append(tmp_path / f"photo_{i}.jpg")
+        photo_like(size, seed=i).save(paths[-1], quality=90)
+    images = SeededImages(paths, model.train_transform(True))
+    plan = epoch_plan([[0, 1, 2], [3, 0, 1]], seed=3, epoch=1)
+    seen = {}
+    for workers in (0, 1, 2):
+        loader = image_loader(images, batch_sampler=plan, num_workers=workers,
+                              device=torch.device("cpu"))
+        seen[workers] = [pixels for pixels, _ in loader]
+    assert all(b.dtype == torch.uint8 and b.shape[1:] == (3, 32, 32) for b in seen[0])
+    for workers in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(seen[0], seen[workers]))
+    assert torch.equal(images[plan[0][0]][0], seen[0][0][0])
+    # Image 0 in both batches with different seeds: two different views of it.
+    assert not torch.equal(seen[0][0][0], seen[0][1][1])
 
 
 def test_random_sampler_is_unchanged(params_factory):
