@@ -46,15 +46,20 @@ def score(query, gallery, query_labels, gallery_labels) -> float:
     return metrics_for_indices(query_labels, gallery_labels, top_k(query, gallery, 10))["score"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--splits", type=int, default=3)
+def split_arguments(description: str, splits: int, out: str) -> argparse.ArgumentParser:
+    """The options of a bench over splits of several runs each (this one, bench_soup)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--splits", type=int, default=splits)
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--pretrain-epochs", type=int, default=10)
     parser.add_argument("--full", action="store_true", help="bench_accuracy's full sizes")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_fusion"))
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=Path(out))
+    return parser
+
+
+def main() -> None:
+    args = split_arguments(__doc__.split("\n\n")[0], 3, "/tmp/bench_fusion").parse_args()
     torch.set_num_threads(1)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ single run over the splits, with its Student-t 95% interval.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_accuracy as bench  # noqa: E402
-from bench_fusion import open_set, score  # noqa: E402
+from bench_fusion import open_set, score, split_arguments  # noqa: E402
 
 from clipcore import paths  # noqa: E402
 from clipcore.data.manifests import read_manifest  # noqa: E402
@@ -85,16 +84,10 @@ def split_scores(domain, split: int, members: int, mode: str, out: Path) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--splits", type=int, default=5)
-    parser.add_argument("--members", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--pretrain-epochs", type=int, default=10)
+    parser = split_arguments(__doc__.split("\n\n")[0], 5, "/tmp/bench_soup")
     parser.add_argument("--mode", choices=tuple(bench.MODES), default="unfrozen")
-    parser.add_argument("--full", action="store_true", help="bench_accuracy's full sizes")
     parser.add_argument("--stand-in", default="tiny", choices=("tiny", "tiny-deep"),
                         help="bench_accuracy's model (its base cached under --out)")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_soup"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = args.out.resolve()
