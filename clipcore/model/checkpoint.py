@@ -175,7 +175,7 @@ def load_into(model: FineTunedCLIP, path: str | Path, data: dict) -> tuple[FineT
     """`model` (its base's, built by build_base) with a model file's tensors (read_model_file:
     `data`) applied in place, and whether the file's visual tower was trained. The tensors the
     file doesn't hold stay as they are: the base's, in a model that held no other file's."""
-    params = ModelParams(**data["model"])
+    name = data["model"]["name"]  # read_model_file checked the params already
     if model.base != data["base"]:
         raise ClipcoreError(
             f"{path}: made on base weights {_describe_base(data['base'])}, but they now read "
@@ -186,12 +186,12 @@ def load_into(model: FineTunedCLIP, path: str | Path, data: dict) -> tuple[FineT
     if stored != expected:
         odd = sorted(stored ^ expected)
         raise ClipcoreError(
-            f"{path}: tensors do not match a {params.name} model ({len(odd)} differ, e.g. {odd[0]})")
+            f"{path}: tensors do not match a {name} model ({len(odd)} differ, e.g. {odd[0]})")
     try:
         model.load_state_dict(data["state"], strict=False)
     except RuntimeError as exc:
         raise ClipcoreError(
-            f"{path}: tensors do not fit a {params.name} model ({str(exc).splitlines()[-1].strip()})"
+            f"{path}: tensors do not fit a {name} model ({str(exc).splitlines()[-1].strip()})"
         ) from exc
     model.wise_ft_alpha = float(data.get("wise_ft_alpha", 1.0))
     model.image_crop = data.get("crop")  # absent in files from before it was recorded
